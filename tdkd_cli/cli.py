@@ -1,0 +1,214 @@
+"""The `tdkd` command line: parse options, call the library, render results. No math here.
+
+Heavy libraries (torch, transformers, timm) are imported inside commands, so `--help` is instant.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import click
+import typer
+
+from . import __version__
+from .errors import TdkdError
+
+app = typer.Typer(
+    name="tdkd",
+    help="Knowledge distillation with over-parameterized students (MPO tensor decomposition, OPDF).\n\n"
+    "A pipeline is a chain of commands, each reading and writing safetensors checkpoints:\n\n"
+    "tdkd decompose tinybert -o student-mpo  ->  tdkd distill ...  ->  tdkd merge student-mpo -o student  "
+    "->  tdkd eval / tdkd bench",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool):
+    if value:
+        typer.echo(f"tdkd {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks instead of one-line errors."),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+):
+    """Knowledge distillation with over-parameterized students."""
+
+
+def _console(stderr: bool = False):
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False)
+
+
+def _fmt_int(x: int) -> str:
+    return f"{x:,}"
+
+
+def _emit_json(obj) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2) + "\n")
+    sys.stdout.flush()
+
+
+def _progress(total_label: str, enabled: bool):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn(total_label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TextColumn("{task.description}"), console=_console(stderr=True), transient=True,
+                    disable=not enabled)
+
+
+# ----------------------------------------------------------------------------------------------
+@app.command(epilog="Examples:  tdkd decompose tinybert --init random -o tinybert-mpo  |  "
+             "tdkd decompose ./my-bert --n 5 --shapes 768=32,1,1,1,24 -o my-bert-mpo --json  |  "
+             "tdkd decompose vit_tiny_patch16_224 --weights vit.safetensors -o vit-mpo")
+def decompose(
+    model: str = typer.Argument(..., help="HF model directory or hub name, timm model name (with --weights), or a preset: bert-base, tinybert, minilm, vit-tiny."),
+    output: Path = typer.Option(..., "-o", "--output", help="Output directory (MPO checkpoint)."),
+    n: int = typer.Option(5, "--n", help="Number of MPO cores per matrix (>= 2; the paper uses 5)."),
+    targets: Optional[List[str]] = typer.Option(None, "--targets", help="Glob on module names of Linear layers to decompose; repeatable. Default per family (BERT: Q,K,V, attention output, FFN in/out; ViT: qkv, proj, fc1, fc2)."),
+    shapes: Optional[List[str]] = typer.Option(None, "--shapes", help="Explicit factor shape for a dimension, e.g. 768=8,2,2,2,2,6; repeatable. Default: [a,1,...,1,b] with a*b = dim."),
+    rank: Optional[int] = typer.Option(None, "--rank", help="Truncate every bond to at most this dimension (chi). Default: lossless."),
+    weights: Optional[str] = typer.Option(None, "--weights", help="safetensors state dict for a timm model."),
+    num_labels: Optional[int] = typer.Option(None, "--num-labels", help="Classifier outputs (HF: sequence classification head; timm: num_classes)."),
+    init: str = typer.Option("pretrained", "--init", help="pretrained | random (presets build offline from their config)."),
+    seed: int = typer.Option(0, "--seed", help="Seed for random initialisation."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow HF models that run code from their repository."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+):
+    """Tensorize a model: replace its Linear weights by lossless MPO cores (over-parameterized).
+
+    Prints per layer the factor shapes, bond dimensions, parameters before/after and the
+    reconstruction error, then totals with the over-parameterization ratio."""
+    from . import ops
+
+    progress = _progress("decomposing", enabled=not as_json and sys.stderr.isatty())
+    with progress:
+        task = progress.add_task("", total=None)
+
+        def on_plan(total):
+            progress.update(task, total=total)
+
+        def on_layer(plan):
+            progress.update(task, advance=1, description=plan.name)
+
+        report = ops.decompose_model(model, output, n=n, targets=targets, shapes=shapes or (), rank=rank, weights=weights,
+                                     init=init, num_labels=num_labels, seed=seed, force=force,
+                                     trust_remote_code=trust_remote_code, on_layer=on_layer, on_plan=on_plan)
+    if as_json:
+        _emit_json(report)
+        return
+    from rich.table import Table
+
+    t = Table(title=f"decompose {model} -> {output}  (n={n}{'' if rank is None else f', chi={rank}'})")
+    for col in ("layer", "weight", "factor shapes (out x in)", "bonds", "params", "MPO params", "x", "rel. error"):
+        t.add_column(col, justify="right" if col in ("params", "MPO params", "x", "rel. error") else "left")
+    for L in report["layers"]:
+        t.add_row(L["name"], f"{L['out_features']}x{L['in_features']}", f"{L['out_shape']} x {L['in_shape']}",
+                  ",".join(map(str, L["bonds"][1:-1])), _fmt_int(L["dense_params"]), _fmt_int(L["mpo_params"]),
+                  f"{L['mpo_params'] / L['dense_params']:.2f}", f"{L['rel_error']:.1e}")
+    tot = report["totals"]
+    con = _console()
+    con.print(t)
+    con.print(f"{tot['layers']} matrices: {_fmt_int(tot['dense_params_targets'])} -> {_fmt_int(tot['mpo_params_targets'])} parameters")
+    con.print(f"model: {_fmt_int(tot['model_params_before'])} -> {_fmt_int(tot['model_params_after'])} parameters "
+              f"(over-parameterization x{tot['overparam_ratio']:.3f}); max rel. error {tot['max_rel_error']:.1e}; "
+              f"probe output max |diff| {tot['output_max_abs_diff']:.1e}")
+
+
+@app.command(epilog="Example:  tdkd merge student-mpo -o student  (then: AutoModelForSequenceClassification.from_pretrained('student'))")
+def merge(
+    source: Path = typer.Argument(..., help="MPO checkpoint directory (decompose or distill output)."),
+    output: Path = typer.Option(..., "-o", "--output", help="Output directory: a plain HF model directory, or for timm config.json + model.safetensors."),
+    tolerance: float = typer.Option(1e-4, "--tolerance", help="Largest accepted output difference, relative to the largest output magnitude."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+):
+    """Contract MPO cores back into dense weights: the original architecture, size and latency.
+
+    Verifies the written checkpoint: reloads it with plain transformers/timm code and compares its
+    outputs with the MPO model's on a probe batch; exits 1 (writing nothing) above --tolerance."""
+    from . import ops
+
+    report = ops.merge_checkpoint(source, output, tolerance=tolerance, force=force)
+    if as_json:
+        _emit_json(report)
+        return
+    con = _console()
+    con.print(f"merged {report['layers']} MPO layers: {_fmt_int(report['params_mpo'])} -> {_fmt_int(report['params_merged'])} parameters")
+    con.print(f"verification on a probe batch: max |diff| {report['max_abs_diff']:.2e}, relative {report['max_rel_diff']:.2e} "
+              f"(tolerance {report['tolerance']:g}) OK -> {report['output']}")
+
+
+def _not_built(name: str):
+    from .errors import UsageError
+
+    raise TdkdError(f"`tdkd {name}` is not built yet in this version of tdkd")
+
+
+@app.command(epilog="Example:  tdkd distill --teacher bert-base --student tinybert --data glue/SST-2 -o run")
+def distill(args: Optional[List[str]] = typer.Argument(None, hidden=True)):
+    """Distill a teacher into an (over-parameterized) student: KD + tensor constraint loss. (not built yet)"""
+    _not_built("distill")
+
+
+@app.command("eval", epilog="Example:  tdkd eval student --data glue/SST-2 --task sst2")
+def eval_(args: Optional[List[str]] = typer.Argument(None, hidden=True)):
+    """Task metrics of a checkpoint on a data set. (not built yet)"""
+    _not_built("eval")
+
+
+@app.command(epilog="Example:  tdkd bench teacher student --device cpu --json")
+def bench(args: Optional[List[str]] = typer.Argument(None, hidden=True)):
+    """Inference latency, throughput, parameters and memory of models side by side. (not built yet)"""
+    _not_built("bench")
+
+
+# ----------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("TDKD_DEBUG") == "1"
+    command = typer.main.get_command(app)
+    try:
+        rv = command.main(args=argv, prog_name="tdkd", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        sys.stderr.write("interrupted\n")
+        sys.exit(130)
+    except click.ClickException as exc:
+        if debug:
+            raise
+        sys.stderr.write(f"error: {exc.format_message()} (see tdkd {exc.ctx.info_name if getattr(exc, 'ctx', None) else ''} --help)\n".replace("tdkd tdkd", "tdkd"))
+        sys.exit(exc.exit_code)
+    except TdkdError as exc:
+        if debug:
+            raise
+        sys.stderr.write(f"error: {exc}\n")
+        sys.exit(exc.exit_code)
+    except MemoryError:
+        if debug:
+            raise
+        sys.stderr.write("error: out of memory\n")
+        sys.exit(1)
+    except OSError as exc:
+        if debug:
+            raise
+        sys.stderr.write(f"error: {exc.strerror or exc} ({exc.filename})\n" if exc.filename else f"error: {exc}\n")
+        sys.exit(1)
+    except Exception as exc:  # an internal failure: still one line, with a pointer to --debug
+        if debug:
+            raise
+        sys.stderr.write(f"error: internal error ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); rerun with --debug for the traceback\n")
+        sys.exit(1)
+    sys.exit(rv if isinstance(rv, int) else 0)

@@ -1,0 +1,28 @@
+"""tdkd's own error types. Every user-facing failure is one of these; the CLI prints its message
+on one line and exits with ``exit_code`` (2 for usage errors, 1 for runtime failures)."""
+
+from __future__ import annotations
+
+
+class TdkdError(Exception):
+    """Base class: a failure with a message meant for the user."""
+
+    exit_code = 1
+
+
+class UsageError(TdkdError):
+    """Bad input from the user: a path, an option value, a recipe key, a shape."""
+
+    exit_code = 2
+
+
+class CheckpointError(TdkdError):
+    """A checkpoint or manifest that is missing, corrupt, truncated or of the wrong kind."""
+
+    exit_code = 1
+
+
+class VerificationError(TdkdError):
+    """A numerical check failed (e.g. a merged model does not match its MPO form)."""
+
+    exit_code = 1

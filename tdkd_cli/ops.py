@@ -1,0 +1,208 @@
+"""The decompose and merge operations as library calls: load, transform, verify, write.
+
+Each returns a plain dict report that the CLI renders as a table or JSON."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Callable, Sequence
+
+from . import checkpoint as ckpt
+from . import models, mpo, tensorize
+from .errors import CheckpointError, UsageError, VerificationError
+
+from . import __version__
+
+
+def parse_shapes(specs: Sequence[str]) -> dict[int, tuple[int, ...]]:
+    """'768=32,1,1,1,24' -> {768: (32,1,1,1,24)}; repeatable."""
+    out: dict[int, tuple[int, ...]] = {}
+    for spec in specs:
+        dim, sep, facs = spec.partition("=")
+        try:
+            if not sep:
+                raise ValueError
+            d = int(dim)
+            f = tuple(int(x) for x in facs.split(","))
+        except ValueError:
+            raise UsageError(f"--shapes {spec!r}: expected DIM=F1,F2,... e.g. 768=32,1,1,1,24") from None
+        out[d] = mpo.check_factors(d, f)
+    return out
+
+
+def _dtype_name(t) -> str:
+    return str(t.dtype).replace("torch.", "")
+
+
+def model_param_count(model) -> int:
+    """Parameters of a (possibly tensorized) model: cores counted, not the dense weights they make."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def decompose_model(
+    spec: str,
+    out: Path,
+    *,
+    n: int = 5,
+    targets: Sequence[str] | None = None,
+    shapes: Sequence[str] = (),
+    rank: int | None = None,
+    weights: str | None = None,
+    init: str = "pretrained",
+    num_labels: int | None = None,
+    seed: int = 0,
+    force: bool = False,
+    trust_remote_code: bool = False,
+    on_layer: Callable | None = None,
+    on_plan: Callable | None = None,
+) -> dict:
+    import torch
+
+    out = Path(out)
+    ckpt.check_output(out, force)
+    if n < 2:
+        raise UsageError(f"--n must be at least 2 (got {n})")
+    if rank is not None and rank < 1:
+        raise UsageError(f"--rank must be at least 1 (got {rank})")
+    shape_map = parse_shapes(shapes)
+    loaded = models.load_model(spec, weights=weights, init=init, num_labels=num_labels,
+                               trust_remote_code=trust_remote_code, seed=seed)
+    model = loaded.model
+    patterns = list(targets) if targets else list(tensorize.default_targets(model, loaded.family))
+    names = tensorize.select_targets(model, patterns)
+    plans = tensorize.plan_layers(model, names, n, shape_map, rank)
+    modules = dict(model.named_modules())
+    originals = {p.name: modules[p.name].weight.detach().clone() for p in plans}
+    dense_total = model_param_count(model)
+    probe = models.probe_inputs(model, loaded.family)
+    ref_out = models.forward_output(model, loaded.family, probe)
+    if on_plan:
+        on_plan(len(plans))
+    tensorize.tensorize(model, plans, progress=on_layer)
+    mpo_total = model_param_count(model)
+
+    layers = []
+    for p in plans:
+        cores = tensorize.layer_cores(modules[p.name])
+        err = mpo.relative_error(mpo.contract([c.detach().double() for c in cores]), originals[p.name])
+        layers.append({
+            "name": p.name, "out_features": p.out_features, "in_features": p.in_features,
+            "out_shape": list(p.out_shape), "in_shape": list(p.in_shape), "bonds": p.bonds,
+            "central": p.central, "dtype": _dtype_name(cores[0]),
+            "dense_params": p.dense_params, "mpo_params": p.mpo_params, "rel_error": err,
+        })
+    mpo_out = models.forward_output(model, loaded.family, probe)
+    logit_diff = float((mpo_out.double() - ref_out.double()).abs().max())
+
+    tensors = {}
+    for key, value in model.state_dict().items():
+        if ".parametrizations.weight.original" in key:
+            continue
+        tensors[key] = value
+    for p in plans:
+        for k, c in enumerate(tensorize.layer_cores(modules[p.name])):
+            tensors[ckpt.core_key(p.name, k)] = c
+    manifest_layers = {L["name"]: {k: L[k] for k in ("out_features", "in_features", "out_shape", "in_shape", "bonds", "central", "dtype")}
+                       for L in layers}
+    source = dict(loaded.source)
+    with ckpt.atomic_dir(out, force=force) as tmp:
+        ckpt.save_tensors(tensors, tmp / ckpt.TENSORS, metadata={"format": "pt", "tdkd": ckpt.FORMAT})
+        manifest = {
+            "format": ckpt.FORMAT, "format_version": ckpt.FORMAT_VERSION, "tdkd_version": __version__,
+            "source": source, "n": n, "rank": rank,
+            "tensors": {"file": ckpt.TENSORS, "sha256": ckpt.sha256_file(tmp / ckpt.TENSORS)},
+            "layers": manifest_layers,
+        }
+        import json
+
+        (tmp / ckpt.MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+        tokenizer = ckpt.copy_tokenizer_files(loaded.tokenizer_dir, tmp)
+    return {
+        "model": spec, "output": str(out), "family": loaded.family, "n": n, "rank": rank,
+        "layers": layers, "tokenizer_files": tokenizer,
+        "totals": {
+            "layers": len(layers),
+            "dense_params_targets": sum(L["dense_params"] for L in layers),
+            "mpo_params_targets": sum(L["mpo_params"] for L in layers),
+            "model_params_before": dense_total, "model_params_after": mpo_total,
+            "overparam_ratio": mpo_total / dense_total,
+            "max_rel_error": max((L["rel_error"] for L in layers), default=0.0),
+            "output_max_abs_diff": logit_diff,
+        },
+    }
+
+
+def load_mpo_model(path: Path):
+    """(Loaded, manifest) for an MPO checkpoint directory: architecture rebuilt from the manifest,
+    cores attached, all tensors loaded with strict key checking."""
+    import torch
+
+    manifest, tensors = ckpt.load_mpo_checkpoint(Path(path))
+    model = models.build_from_source(manifest["source"])
+    modules = dict(model.named_modules())
+    plans = []
+    for name, L in manifest["layers"].items():
+        mod = modules.get(name)
+        if not isinstance(mod, torch.nn.Linear) or tuple(mod.weight.shape) != (L["out_features"], L["in_features"]):
+            raise CheckpointError(f"{path}: layer {name} is not a {L['out_features']}x{L['in_features']} Linear of the model")
+        plans.append(tensorize.LayerPlan(name, L["out_features"], L["in_features"], tuple(L["out_shape"]),
+                                         tuple(L["in_shape"]), None, list(L["bonds"])))
+    tensorize.tensorize(model, plans, empty=True)
+    state = {}
+    for key, value in tensors.items():
+        layer, sep, k = key.rpartition(".mpo_core.")
+        state[f"{layer}.parametrizations.weight.original{k}" if sep else key] = value
+    expected = set(model.state_dict().keys())
+    missing = sorted(expected - set(state))
+    unexpected = sorted(set(state) - expected)
+    # HF models may hold non-persistent or tied entries; only tensors the model declares matter.
+    if unexpected:
+        raise CheckpointError(f"{path}: unexpected tensor {unexpected[0]} ({len(unexpected)} in all)")
+    if missing:
+        raise CheckpointError(f"{path}: missing tensor {missing[0]} ({len(missing)} in all)")
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path}: tensors do not fit the model: {str(exc).splitlines()[0]}") from None
+    tok = Path(path) if any((Path(path) / f).is_file() for f in ckpt.TOKENIZER_FILES) else None
+    return models.Loaded(model.eval(), manifest["source"]["family"], manifest["source"], tok), manifest
+
+
+def merge_checkpoint(src: Path, out: Path, *, tolerance: float = 1e-4, force: bool = False) -> dict:
+    """Contract all cores, write a plain checkpoint, reload it with plain HF/timm code and compare
+    its outputs with the MPO model's on a probe batch."""
+    src, out = Path(src), Path(out)
+    if not src.exists():
+        raise UsageError(f"{src} not found")
+    ckpt.check_output(out, force)
+    if not (tolerance > 0 and math.isfinite(tolerance)):
+        raise UsageError(f"--tolerance must be a positive number (got {tolerance})")
+    kind = ckpt.detect_kind(src)
+    if kind != "mpo":
+        raise CheckpointError(f"{src} is a dense {kind} model, not an MPO checkpoint: there is nothing to merge")
+    loaded, manifest = load_mpo_model(src)
+    model, family = loaded.model, loaded.family
+    probe = models.probe_inputs(model, family)
+    mpo_out = models.forward_output(model, family, probe)
+    mpo_params = model_param_count(model)
+    merged = tensorize.merge(model)
+    dense_params = model_param_count(model)
+    with ckpt.atomic_dir(out, force=force) as tmp:
+        models.save_dense(model, family, loaded.source, tmp, loaded.tokenizer_dir)
+        reloaded = models.load_dense_dir(tmp)
+        new_out = models.forward_output(reloaded.model, family, probe)
+        if tuple(new_out.shape) != tuple(mpo_out.shape):
+            raise VerificationError(f"merged model output shape {tuple(new_out.shape)} != MPO model's {tuple(mpo_out.shape)}")
+        diff = (new_out.double() - mpo_out.double()).abs()
+        max_abs = float(diff.max())
+        scale = float(mpo_out.double().abs().max())
+        rel = max_abs / scale if scale > 0 else max_abs
+        if not rel <= tolerance:
+            raise VerificationError(
+                f"merged model differs from the MPO model: max abs diff {max_abs:.3e}, relative {rel:.3e} > tolerance {tolerance:g}; nothing written")
+    return {
+        "input": str(src), "output": str(out), "family": family, "layers": len(merged),
+        "params_mpo": mpo_params, "params_merged": dense_params,
+        "max_abs_diff": max_abs, "max_rel_diff": rel, "tolerance": tolerance, "ok": True,
+    }

@@ -1,0 +1,196 @@
+"""Put MPO cores on a model's Linear weights and take them off again (merge).
+
+A tensorized Linear keeps its class: its ``weight`` becomes a torch parametrization computed from
+the cores (``torch.nn.utils.parametrize``), so HF and timm model classes, their forward code and
+their hooks are untouched. The cores live at ``<module>.parametrizations.weight.original<k>``;
+tdkd's checkpoints store them under its own names (see checkpoint.py).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from . import mpo
+from .errors import UsageError
+
+# Default target patterns (fnmatch on dotted module names) per model family.
+BERT_TARGETS = (
+    "*layer.*.attention.self.query",
+    "*layer.*.attention.self.key",
+    "*layer.*.attention.self.value",
+    "*layer.*.attention.output.dense",
+    "*layer.*.intermediate.dense",
+    "*layer.*.output.dense",
+)
+DISTILBERT_TARGETS = (
+    "*layer.*.attention.q_lin",
+    "*layer.*.attention.k_lin",
+    "*layer.*.attention.v_lin",
+    "*layer.*.attention.out_lin",
+    "*layer.*.ffn.lin1",
+    "*layer.*.ffn.lin2",
+)
+VIT_TARGETS = ("blocks.*.attn.qkv", "blocks.*.attn.proj", "blocks.*.mlp.fc1", "blocks.*.mlp.fc2")
+
+HF_DEFAULT_TARGETS = {
+    "bert": BERT_TARGETS,
+    "roberta": BERT_TARGETS,
+    "xlm-roberta": BERT_TARGETS,
+    "electra": BERT_TARGETS,
+    "camembert": BERT_TARGETS,
+    "distilbert": DISTILBERT_TARGETS,
+}
+
+
+def default_targets(model: nn.Module, family: str) -> tuple[str, ...]:
+    if family == "timm":
+        if any(fnmatch.fnmatchcase(name, VIT_TARGETS[0]) for name, _ in model.named_modules()):
+            return VIT_TARGETS
+        raise UsageError("no default target layers for this timm model; pass --targets PATTERN")
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type in HF_DEFAULT_TARGETS:
+        return HF_DEFAULT_TARGETS[model_type]
+    raise UsageError(f"no default target layers for model type {model_type!r}; pass --targets PATTERN")
+
+
+@dataclass
+class LayerPlan:
+    """How one Linear weight is (or will be) tensorized."""
+
+    name: str
+    out_features: int
+    in_features: int
+    out_shape: tuple[int, ...]
+    in_shape: tuple[int, ...]
+    rank: int | None = None
+    bonds: list[int] = field(default_factory=list)
+
+    @property
+    def n(self) -> int:
+        return len(self.out_shape)
+
+    @property
+    def central(self) -> int:
+        return mpo.central_index(self.n)
+
+    @property
+    def dense_params(self) -> int:
+        return self.out_features * self.in_features
+
+    @property
+    def mpo_params(self) -> int:
+        return mpo.num_params(self.out_shape, self.in_shape, self.bonds or mpo.full_bonds(self.out_shape, self.in_shape, self.rank))
+
+
+def select_targets(model: nn.Module, patterns: Sequence[str]) -> list[str]:
+    """Names of the nn.Linear modules matching any pattern; every pattern must match something."""
+    linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    chosen: list[str] = []
+    for pat in patterns:
+        hits = [name for name in linears if fnmatch.fnmatchcase(name, pat)]
+        if not hits:
+            raise UsageError(f"target pattern {pat!r} matches no Linear layer of the model")
+        chosen += [h for h in hits if h not in chosen]
+    return [name for name in linears if name in chosen]  # model order
+
+
+def plan_layers(
+    model: nn.Module,
+    names: Iterable[str],
+    n: int,
+    shapes: dict[int, tuple[int, ...]] | None = None,
+    rank: int | None = None,
+) -> list[LayerPlan]:
+    """Factor shapes per layer: an explicit shape for a dimension wins, else paper-style [a,1..1,b]."""
+    if n < 2:
+        raise UsageError(f"--n must be at least 2 (got {n})")
+    shapes = shapes or {}
+    for dim, fac in shapes.items():
+        mpo.check_factors(dim, fac)
+        if len(fac) != n:
+            raise UsageError(f"factor shape {list(fac)} for {dim} has {len(fac)} factors but n is {n}")
+    modules = dict(model.named_modules())
+    plans = []
+    for name in names:
+        lin = modules[name]
+        out_f, in_f = lin.weight.shape
+        out_shape = tuple(shapes.get(out_f) or mpo.plan_factors(out_f, n))
+        in_shape = tuple(shapes.get(in_f) or mpo.plan_factors(in_f, n))
+        plans.append(LayerPlan(name, out_f, in_f, out_shape, in_shape, rank, mpo.full_bonds(out_shape, in_shape, rank)))
+    return plans
+
+
+class MPOWeight(nn.Module):
+    """Parametrization: weight = contract(cores). ``right_inverse`` decomposes a dense weight, or,
+    with ``empty=True``, only allocates cores of the planned shapes (to be filled from a checkpoint)."""
+
+    def __init__(self, plan: LayerPlan, empty: bool = False):
+        super().__init__()
+        self.plan = plan
+        self.empty = empty
+
+    def forward(self, *cores: torch.Tensor) -> torch.Tensor:
+        return mpo.contract(cores)
+
+    def right_inverse(self, weight: torch.Tensor):
+        p = self.plan
+        if self.empty:
+            shapes = mpo.core_shapes(p.out_shape, p.in_shape, p.bonds)
+            return tuple(torch.zeros(s, dtype=weight.dtype, device=weight.device) for s in shapes)
+        cores = mpo.decompose(weight, p.out_shape, p.in_shape, p.rank)
+        p.bonds = [1] + [c.shape[-1] for c in cores]
+        return tuple(cores)
+
+
+def tensorize(model: nn.Module, plans: Sequence[LayerPlan], empty: bool = False, progress=None) -> None:
+    """Replace each planned Linear weight by MPO cores, in place."""
+    modules = dict(model.named_modules())
+    for plan in plans:
+        lin = modules[plan.name]
+        with torch.no_grad():
+            parametrize.register_parametrization(lin, "weight", MPOWeight(plan, empty=empty), unsafe=True)
+        if progress is not None:
+            progress(plan)
+
+
+def mpo_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Tensorized modules by name."""
+    out = {}
+    for name, m in model.named_modules():
+        if parametrize.is_parametrized(m, "weight") and isinstance(m.parametrizations.weight[0], MPOWeight):
+            out[name] = m
+    return out
+
+
+def layer_cores(module: nn.Module) -> list[nn.Parameter]:
+    pw = module.parametrizations.weight
+    k, cores = 0, []
+    while hasattr(pw, f"original{k}"):
+        cores.append(getattr(pw, f"original{k}"))
+        k += 1
+    return cores
+
+
+def layer_plan(module: nn.Module) -> LayerPlan:
+    return module.parametrizations.weight[0].plan
+
+
+def merge(model: nn.Module) -> dict[str, LayerPlan]:
+    """Contract every tensorized weight (in float64) into a plain dense weight, in place."""
+    merged = {}
+    for name, module in mpo_modules(model).items():
+        cores = layer_cores(module)
+        with torch.no_grad():
+            dense = mpo.contract([c.detach().to(torch.float64) for c in cores]).to(cores[0].dtype)
+        plan = layer_plan(module)
+        parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+        with torch.no_grad():
+            module.weight.copy_(dense)
+        merged[name] = plan
+    return merged
