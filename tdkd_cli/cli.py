@@ -11,8 +11,12 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-import click
 import typer
+
+try:  # typer >= 0.20 vendors click; its exceptions are what the parser raises
+    from typer._click import exceptions as _click_exc
+except ImportError:  # pragma: no cover - older typer on upstream click
+    from click import exceptions as _click_exc
 
 from . import __version__
 from .errors import TdkdError
@@ -151,8 +155,6 @@ def merge(
 
 
 def _not_built(name: str):
-    from .errors import UsageError
-
     raise TdkdError(f"`tdkd {name}` is not built yet in this version of tdkd")
 
 
@@ -178,18 +180,22 @@ def bench(args: Optional[List[str]] = typer.Argument(None, hidden=True)):
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("TDKD_DEBUG") == "1"
+    if "--debug" in argv:  # accepted anywhere on the line, not only before the subcommand
+        argv = ["--debug"] + [a for a in argv if a != "--debug"]
     command = typer.main.get_command(app)
     try:
         rv = command.main(args=argv, prog_name="tdkd", standalone_mode=False)
-    except click.exceptions.Exit as exc:
+    except typer.Exit as exc:
         sys.exit(exc.exit_code)
-    except (click.exceptions.Abort, KeyboardInterrupt):
+    except (typer.Abort, KeyboardInterrupt):
         sys.stderr.write("interrupted\n")
         sys.exit(130)
-    except click.ClickException as exc:
+    except _click_exc.ClickException as exc:
         if debug:
             raise
-        sys.stderr.write(f"error: {exc.format_message()} (see tdkd {exc.ctx.info_name if getattr(exc, 'ctx', None) else ''} --help)\n".replace("tdkd tdkd", "tdkd"))
+        ctx = getattr(exc, "ctx", None)
+        where = ctx.command_path if ctx is not None else "tdkd"
+        sys.stderr.write(f"error: {exc.format_message()} (see {where} --help)\n")
         sys.exit(exc.exit_code)
     except TdkdError as exc:
         if debug:

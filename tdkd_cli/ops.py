@@ -180,7 +180,7 @@ def merge_checkpoint(src: Path, out: Path, *, tolerance: float = 1e-4, force: bo
         raise UsageError(f"--tolerance must be a positive number (got {tolerance})")
     kind = ckpt.detect_kind(src)
     if kind != "mpo":
-        raise CheckpointError(f"{src} is a dense {kind} model, not an MPO checkpoint: there is nothing to merge")
+        raise UsageError(f"{src} is a dense {kind} model, not an MPO checkpoint: there is nothing to merge")
     loaded, manifest = load_mpo_model(src)
     model, family = loaded.model, loaded.family
     probe = models.probe_inputs(model, family)
