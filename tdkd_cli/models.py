@@ -281,6 +281,17 @@ def build_from_source(source: dict):
 # ----------------------------------------------------------------------------------------------
 # Probing and saving
 # ----------------------------------------------------------------------------------------------
+def image_input_size(model) -> tuple[int, int, int]:
+    """(C, H, W) a timm model expects: its patch embedding's size when it has one (models built with
+    img_size=... keep the default size in pretrained_cfg), else pretrained_cfg's input_size."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    size = tuple(cfg.get("input_size", (3, 224, 224)))
+    img = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if img is not None:
+        size = (size[0],) + tuple(int(v) for v in img)
+    return size
+
+
 def probe_inputs(model, family: str, batch: int = 2, seq_len: int = 16, seed: int = 0) -> dict:
     import torch
 
@@ -289,9 +300,7 @@ def probe_inputs(model, family: str, batch: int = 2, seq_len: int = 16, seed: in
         vocab = int(getattr(model.config, "vocab_size", 1000))
         ids = torch.randint(1, vocab, (batch, seq_len), generator=g)
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    size = tuple(cfg.get("input_size", (3, 224, 224)))
-    return {"x": torch.randn((batch,) + size, generator=g)}
+    return {"x": torch.randn((batch,) + image_input_size(model), generator=g)}
 
 
 def forward_output(model, family: str, inputs: dict):

@@ -206,3 +206,104 @@ def merge_checkpoint(src: Path, out: Path, *, tolerance: float = 1e-4, force: bo
         "params_mpo": mpo_params, "params_merged": dense_params,
         "max_abs_diff": max_abs, "max_rel_diff": rel, "tolerance": tolerance, "ok": True,
     }
+
+
+# ----------------------------------------------------------------------------------------------
+# eval and bench
+# ----------------------------------------------------------------------------------------------
+def load_any(spec: str, *, init: str = "pretrained", num_labels: int | None = None, weights: str | None = None,
+             seed: int = 0, trust_remote_code: bool = False) -> models.Loaded:
+    """Any model tdkd understands: an MPO checkpoint directory, or whatever models.load_model takes."""
+    p = Path(spec).expanduser()
+    if p.is_dir() and ckpt.detect_kind(p) == "mpo":
+        return load_mpo_model(p)[0]
+    return models.load_model(spec, weights=weights, init=init, num_labels=num_labels,
+                             trust_remote_code=trust_remote_code, seed=seed)
+
+
+def evaluate_model(
+    spec: str, data: Path, *, task: str | None = None, split: str = "dev", text_columns: Sequence[str] | None = None,
+    label_column: str | None = None, tokenizer: str | None = None, batch_size: int = 64, max_length: int = 128,
+    device: str = "cpu", limit: int | None = None, predictions: Path | None = None, init: str = "pretrained",
+    seed: int = 0, on_total: Callable | None = None, on_batch: Callable | None = None,
+) -> dict:
+    from . import bench, data as data_mod, evaluate
+
+    device = bench.resolve_device(device)
+    if limit is not None and limit < 1:
+        raise UsageError(f"--limit must be at least 1 (got {limit})")
+    if predictions is not None:
+        ckpt.check_output(Path(predictions), force=True)
+    loaded = load_any(spec, init=init, seed=seed)
+    if loaded.family == "timm":
+        images = data_mod.load_images(Path(data), split)
+        if limit:
+            images.files, images.labels = images.files[:limit], images.labels[:limit]
+        if on_total:
+            on_total(len(images))
+        scores = evaluate.predict_images(loaded.model, images.files, batch_size, device, on_batch)
+        if scores.shape[1] < len(images.classes):
+            raise UsageError(f"model has {scores.shape[1]} outputs but the data has {len(images.classes)} classes")
+        preds = scores.argmax(-1).tolist()
+        names = ["top1", "top5"]
+        metrics = evaluate.compute_metrics(names, preds, images.labels, scores.numpy())
+        labels, ex_labels = images.labels, images.classes
+        task_name, n_examples, path = "images", len(images), images.path
+    else:
+        t = data_mod.get_task(task) if task else None
+        text = data_mod.load_text(Path(data), t, split, text_columns, label_column, limit)
+        n_model = int(getattr(loaded.model.config, "num_labels", 0))
+        if n_model != text.task.num_labels:
+            raise UsageError(f"model has {n_model} output labels but task {text.task.name} has {text.task.num_labels}")
+        tok_dir = tokenizer or loaded.tokenizer_dir
+        if tok_dir is None:
+            raise UsageError(f"{spec} has no tokenizer files; pass --tokenizer DIR")
+        from transformers import AutoTokenizer
+
+        try:
+            tok = AutoTokenizer.from_pretrained(str(tok_dir))
+        except Exception as exc:
+            raise UsageError(f"cannot load a tokenizer from {tok_dir}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        if on_total:
+            on_total(len(text))
+        scores = evaluate.predict_text(loaded.model, tok, text.texts, batch_size, max_length, device, on_batch)
+        if text.task.labels is None:
+            preds = scores[:, 0].tolist()
+        else:
+            preds = scores.argmax(-1).tolist()
+        metrics = evaluate.compute_metrics(text.task.metrics, preds, text.labels)
+        labels, ex_labels = text.labels, text.label_names
+        task_name, n_examples, path = text.task.name, len(text), text.path
+    if predictions is not None:
+        import json
+
+        lines = []
+        for i, (y, p) in enumerate(zip(labels, preds)):
+            rec = {"index": i, "label": y, "prediction": p, "scores": [round(float(s), 6) for s in scores[i].tolist()]}
+            if ex_labels is not None and isinstance(p, int):
+                rec["label_name"], rec["prediction_name"] = ex_labels[y], ex_labels[p]
+            lines.append(json.dumps(rec))
+        ckpt.atomic_write_text(Path(predictions), "\n".join(lines) + "\n")
+    return {"model": spec, "data": str(path), "task": task_name, "split": split, "examples": n_examples,
+            "metrics": metrics, "predictions": str(predictions) if predictions else None}
+
+
+def bench_models(specs: Sequence[str], *, device: str = "cpu", batch_size: int = 8, seq_len: int = 128,
+                 dtype: str = "float32", threads: int | None = None, warmup: int = 5, iters: int = 30,
+                 init: str = "pretrained", seed: int = 0, on_round: Callable | None = None) -> dict:
+    from . import bench
+
+    if not specs:
+        raise UsageError("give at least one MODEL to benchmark")
+    device = bench.resolve_device(device)
+    if dtype not in bench.DTYPES:
+        raise UsageError(f"--dtype must be one of {', '.join(bench.DTYPES)} (got {dtype!r})")
+    loaded = []
+    seen: dict[str, int] = {}
+    for spec in specs:
+        m = load_any(spec, init=init, seed=seed)
+        seen[spec] = seen.get(spec, 0) + 1
+        name = spec if seen[spec] == 1 else f"{spec}#{seen[spec]}"
+        loaded.append((name, m.model, m.family))
+    return bench.run(loaded, device=device, batch_size=batch_size, seq_len=seq_len, dtype=dtype, threads=threads,
+                     warmup=warmup, iters=iters, on_round=on_round)

@@ -1,0 +1,240 @@
+"""Data sets: GLUE tasks from their standard TSV files, generic CSV/JSONL with named columns, and
+image folders (one sub-folder per class) for timm models.
+
+A text data set is a list of examples (texts tuple, label) plus the task description; tokenization
+and batching happen in the consumer (eval, distill)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from .errors import UsageError
+
+csv.field_size_limit(10 * 1024 * 1024)
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    text_columns: tuple[str, ...]
+    label_column: str
+    labels: tuple[str, ...] | None  # None: regression
+    metrics: tuple[str, ...]
+    dev_file: str = "dev.tsv"
+    header: bool = True
+    # for header-less files: column positions of (texts..., label)
+    positions: tuple[int, ...] | None = None
+
+    @property
+    def num_labels(self) -> int:
+        return 1 if self.labels is None else len(self.labels)
+
+
+TASKS: dict[str, Task] = {
+    "sst2": Task("sst2", ("sentence",), "label", ("0", "1"), ("accuracy",)),
+    "rte": Task("rte", ("sentence1", "sentence2"), "label", ("entailment", "not_entailment"), ("accuracy",)),
+    "mrpc": Task("mrpc", ("#1 String", "#2 String"), "Quality", ("0", "1"), ("f1", "accuracy")),
+    "cola": Task("cola", ("sentence",), "label", ("0", "1"), ("matthews",), header=False, positions=(3, 1)),
+    "stsb": Task("stsb", ("sentence1", "sentence2"), "score", None, ("pearson", "spearman")),
+    "qnli": Task("qnli", ("question", "sentence"), "label", ("entailment", "not_entailment"), ("accuracy",)),
+    "qqp": Task("qqp", ("question1", "question2"), "is_duplicate", ("0", "1"), ("f1", "accuracy")),
+    "mnli": Task("mnli", ("sentence1", "sentence2"), "gold_label", ("entailment", "neutral", "contradiction"),
+                 ("accuracy",), dev_file="dev_matched.tsv"),
+}
+TASK_ALIASES = {"sst-2": "sst2", "sts-b": "stsb", "glue/sst-2": "sst2"}
+
+
+def get_task(name: str) -> Task:
+    key = TASK_ALIASES.get(name.lower(), name.lower())
+    if key not in TASKS:
+        raise UsageError(f"unknown task {name!r}; known: {', '.join(TASKS)} (or use --text-column/--label-column)")
+    return TASKS[key]
+
+
+def guess_task(path: Path) -> Task | None:
+    for part in reversed(Path(path).resolve().parts):
+        key = TASK_ALIASES.get(part.lower(), part.lower().replace("-", ""))
+        if key in TASKS:
+            return TASKS[key]
+    return None
+
+
+@dataclass
+class TextData:
+    task: Task
+    texts: list[tuple[str, ...]]
+    labels: list  # int class ids, or floats for regression
+    path: Path
+    label_names: tuple[str, ...] | None = None
+    raw_labels: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+
+def resolve_file(data: Path, task: Task | None, split: str) -> Path:
+    data = Path(data)
+    if not data.exists():
+        raise UsageError(f"data {data} not found")
+    if data.is_file():
+        return data
+    name = task.dev_file if (task and split == "dev") else f"{split}.tsv"
+    for cand in (data / name, data / f"{split}.tsv", data / f"{split}.csv", data / f"{split}.jsonl"):
+        if cand.is_file():
+            return cand
+    raise UsageError(f"no {split} split in {data} (looked for {name}, {split}.tsv/.csv/.jsonl)")
+
+
+def _read_rows(path: Path, header: bool) -> tuple[list[str] | None, list[list[str]] | list[dict]]:
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".jsonl":
+            rows = []
+            with open(path, encoding="utf-8") as fh:
+                for i, line in enumerate(fh, 1):
+                    if line.strip():
+                        obj = json.loads(line)
+                        if not isinstance(obj, dict):
+                            raise UsageError(f"{path}:{i}: each JSONL line must be an object")
+                        rows.append(obj)
+            return None, rows
+        delim = "," if suffix == ".csv" else "\t"
+        quoting = csv.QUOTE_MINIMAL if suffix == ".csv" else csv.QUOTE_NONE
+        with open(path, encoding="utf-8", newline="") as fh:
+            reader = csv.reader(fh, delimiter=delim, quoting=quoting)
+            rows = [r for r in reader if r]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, csv.Error) as exc:
+        raise UsageError(f"cannot read {path}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+    if header:
+        if not rows:
+            raise UsageError(f"{path} is empty")
+        return rows[0], rows[1:]
+    return None, rows
+
+
+def load_text(
+    data: Path,
+    task: Task | None = None,
+    split: str = "dev",
+    text_columns: Sequence[str] | None = None,
+    label_column: str | None = None,
+    limit: int | None = None,
+) -> TextData:
+    """Read a GLUE task file or a generic CSV/TSV/JSONL file with named columns."""
+    if task is None and text_columns:
+        labels_given = None
+        task = Task("custom", tuple(text_columns), label_column or "label", labels_given, ("accuracy",))
+    if task is None:
+        task = guess_task(Path(data))
+    if task is None:
+        raise UsageError(f"cannot tell the task of {data}: pass --task (one of {', '.join(TASKS)}) or --text-column/--label-column")
+    if text_columns:
+        task = Task(task.name, tuple(text_columns), label_column or task.label_column, task.labels, task.metrics)
+    path = resolve_file(Path(data), task, split)
+    header, rows = _read_rows(path, task.header and path.suffix.lower() != ".jsonl")
+    texts, raw = [], []
+    if rows and isinstance(rows[0], dict):
+        missing = [c for c in task.text_columns + (task.label_column,) if c not in rows[0]]
+        if missing:
+            raise UsageError(f"{path} has no column {missing[0]!r} (columns: {', '.join(rows[0])})")
+        for r in rows:
+            texts.append(tuple(str(r.get(c, "")) for c in task.text_columns))
+            raw.append(str(r.get(task.label_column, "")))
+    else:
+        if header is not None:
+            missing = [c for c in task.text_columns + (task.label_column,) if c not in header]
+            if missing:
+                raise UsageError(f"{path} has no column {missing[0]!r} (columns: {', '.join(header)})")
+            idx = [header.index(c) for c in task.text_columns] + [header.index(task.label_column)]
+        else:
+            idx = list(task.positions or range(len(task.text_columns) + 1))
+        for lineno, r in enumerate(rows, 2 if header else 1):
+            if len(r) <= max(idx):
+                raise UsageError(f"{path}:{lineno}: expected at least {max(idx) + 1} columns, found {len(r)}")
+            texts.append(tuple(r[i] for i in idx[:-1]))
+            raw.append(r[idx[-1]].strip())
+    if limit is not None:
+        texts, raw = texts[:limit], raw[:limit]
+    if not texts:
+        raise UsageError(f"{path} has no examples")
+    if task.labels is None and task.name != "custom":
+        try:
+            labels = [float(x) for x in raw]
+        except ValueError:
+            raise UsageError(f"{path}: label column {task.label_column!r} must be numeric for {task.name}") from None
+        names = None
+    else:
+        names = task.labels or tuple(sorted(set(raw), key=lambda s: (not s.lstrip("-").isdigit(), int(s) if s.lstrip("-").isdigit() else 0, s)))
+        index = {n: i for i, n in enumerate(names)}
+        bad = sorted(set(raw) - set(index))
+        if bad:
+            raise UsageError(f"{path}: unknown label {bad[0]!r} for task {task.name} (expected one of {', '.join(names)})")
+        labels = [index[x] for x in raw]
+        if task.labels is None:
+            task = Task(task.name, task.text_columns, task.label_column, names, task.metrics)
+    return TextData(task, texts, labels, path, names, raw)
+
+
+# ----------------------------------------------------------------------------------------------
+# Images
+# ----------------------------------------------------------------------------------------------
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+
+
+@dataclass
+class ImageData:
+    files: list[Path]
+    labels: list[int]
+    classes: list[str]
+    path: Path
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+
+def is_image_folder(path: Path) -> bool:
+    path = Path(path)
+    return path.is_dir() and any(p.is_dir() and any(f.suffix.lower() in IMAGE_SUFFIXES for f in p.iterdir()) for p in path.iterdir())
+
+
+def load_images(path: Path, split: str | None = None) -> ImageData:
+    """An image folder: ROOT/[split/]CLASS/*.png; classes in sorted order."""
+    root = Path(path)
+    if not root.exists():
+        raise UsageError(f"data {root} not found")
+    if split and (root / split).is_dir():
+        root = root / split
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    files, labels = [], []
+    for i, c in enumerate(classes):
+        for f in sorted((root / c).iterdir()):
+            if f.suffix.lower() in IMAGE_SUFFIXES:
+                files.append(f)
+                labels.append(i)
+    if not files:
+        raise UsageError(f"{root} has no images (expected ROOT/CLASS/*.png)")
+    return ImageData(files, labels, classes, root)
+
+
+def image_tensor(files: Sequence[Path], size: tuple[int, int], mean, std):
+    """Decode with PIL, resize, normalise: a float tensor (B, 3, H, W)."""
+    import numpy as np
+    import torch
+    from PIL import Image, UnidentifiedImageError
+
+    arrs = []
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                im = im.convert("RGB").resize((size[1], size[0]), Image.BILINEAR)
+                arrs.append(np.asarray(im, dtype=np.float32) / 255.0)
+        except (OSError, UnidentifiedImageError):
+            raise UsageError(f"cannot decode image {f}") from None
+    x = torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2)
+    mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+    std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+    return (x - mean) / std
