@@ -43,6 +43,27 @@ def percentile(sorted_values: Sequence[float], q: float) -> float:
     return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
 
 
+def _proc_status_kb(key: str) -> int | None:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _reset_rss_peak() -> bool:
+    """Reset the kernel's peak-RSS watermark (Linux >= 4.0); False where unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def make_inputs(model, family: str, batch_size: int, seq_len: int, device: str, dtype, seed: int = 0) -> dict:
     import torch
 
@@ -93,14 +114,24 @@ def run(models: Sequence[tuple[str, object, str]], *, device: str, batch_size: i
                          "params": params, "weights_mb": weight_bytes / 2**20, "times": [], "peak": None})
 
     with torch.inference_mode():
+        # Peak memory above what is resident before the model runs (activations, workspaces):
+        # CUDA: allocator peak; CPU: the process's peak RSS watermark, reset before each model.
         for p in prepared:
             if cuda:
+                sync()
+                before = torch.cuda.memory_allocated()
                 torch.cuda.reset_peak_memory_stats()
+            else:
+                before = _proc_status_kb("VmRSS")
+                tracked = before is not None and _reset_rss_peak()
             for _ in range(max(warmup, 1)):
                 p["fn"](p["model"], p["inputs"])
             sync()
             if cuda:
-                p["peak"] = torch.cuda.max_memory_allocated() / 2**20
+                p["peak"] = (torch.cuda.max_memory_allocated() - before) / 2**20
+            elif tracked:
+                hwm = _proc_status_kb("VmHWM")
+                p["peak"] = None if hwm is None else max(hwm - before, 0) / 1024
         for _ in range(iters):
             for p in prepared:
                 sync()
@@ -120,14 +151,15 @@ def run(models: Sequence[tuple[str, object, str]], *, device: str, batch_size: i
             "median_ms": med * 1e3, "p90_ms": percentile(ts, 90) * 1e3, "p99_ms": percentile(ts, 99) * 1e3,
             "mean_ms": statistics.fmean(ts) * 1e3, "min_ms": ts[0] * 1e3,
             "throughput_per_s": batch_size / med,
-            "peak_mem_mb": p["peak"],
+            "peak_mem_mb": None if p["peak"] is None else round(p["peak"], 3),
         })
     base = rows[0]
     for r in rows:
         r["latency_ratio"] = r["median_ms"] / base["median_ms"]
         r["speedup"] = base["median_ms"] / r["median_ms"]
         r["params_ratio"] = r["params"] / base["params"]
-    env = {"torch": torch.__version__, "device": device, "threads": torch.get_num_threads(),
+    env = {"torch": torch.__version__, "device": device,
+           "peak_mem": "cuda allocator peak above allocated before" if cuda else "process peak RSS above RSS before", "threads": torch.get_num_threads(),
            "python": platform.python_version(), "machine": platform.machine(), "processor": platform.processor() or None}
     if cuda:
         env["gpu"] = torch.cuda.get_device_name()

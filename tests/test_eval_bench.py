@@ -1,6 +1,7 @@
 """eval: metrics against hand computations, merged == MPO form; bench: JSON fields, regression gate."""
 
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -188,6 +189,8 @@ def test_bench_json_fields(bench_report):
     for m in report["models"]:
         assert BENCH_FIELDS <= set(m)
         assert m["min_ms"] <= m["median_ms"] <= m["p90_ms"] <= m["p99_ms"]
+        if sys.platform == "linux":
+            assert m["peak_mem_mb"] is not None and m["peak_mem_mb"] >= 0
     dense, mpo_, merged = report["models"]
     assert dense["latency_ratio"] == 1.0 and dense["speedup"] == 1.0
     assert merged["params"] == dense["params"] < mpo_["params"]
