@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Callable, Sequence
 
@@ -92,6 +91,3 @@ def predict_images(model, files, batch_size: int, device: str = "cpu", on_batch=
                 on_batch(x.shape[0])
     return torch.cat(outs)
 
-
-def is_finite(x: float) -> bool:
-    return isinstance(x, float) and math.isfinite(x)

@@ -3,7 +3,7 @@
 Everything returns a ``Loaded`` record: the model (eval mode), its family ("hf" or "timm"), the
 ``source`` description a manifest stores to rebuild the architecture offline, and the directory
 holding its tokenizer files, if any. Weights are read from safetensors only; HF remote code runs
-only with an explicit ``trust_remote_code=True``.
+only when the user passes --trust-remote-code.
 """
 
 from __future__ import annotations

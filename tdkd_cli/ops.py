@@ -57,8 +57,6 @@ def decompose_model(
     on_layer: Callable | None = None,
     on_plan: Callable | None = None,
 ) -> dict:
-    import torch
-
     out = Path(out)
     ckpt.check_output(out, force)
     if n < 2:
