@@ -91,6 +91,7 @@ def decompose(
     seed: int = typer.Option(0, "--seed", help="Seed for random initialisation."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow HF models that run code from their repository."),
+    layers: Optional[str] = typer.Option(None, "--layers", help="Keep only these layers first (cut a student from a deeper model): 0,1,2 | every-other | first-K."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ):
     """Tensorize a model: replace its Linear weights by lossless MPO cores (over-parameterized).
@@ -111,7 +112,7 @@ def decompose(
 
         report = ops.decompose_model(model, output, n=n, targets=targets, shapes=shapes or (), rank=rank, weights=weights,
                                      init=init, num_labels=num_labels, seed=seed, force=force,
-                                     trust_remote_code=trust_remote_code, on_layer=on_layer, on_plan=on_plan)
+                                     trust_remote_code=trust_remote_code, layers=layers, on_layer=on_layer, on_plan=on_plan)
     if as_json:
         _emit_json(report)
         return
@@ -157,14 +158,190 @@ def merge(
               f"(tolerance {report['tolerance']:g}) OK -> {report['output']}")
 
 
-def _not_built(name: str):
-    raise TdkdError(f"`tdkd {name}` is not built yet in this version of tdkd")
+class _DistillReporter:
+    """Rich progress bar on a terminal; plain log lines on stderr otherwise (CI logs, pipes)."""
+
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+        self.err = _console(stderr=True)
+        self.tty = sys.stderr.isatty()
+        self.progress = None
+        self.bar = None
+        self.evals: list[tuple[int, dict, bool]] = []
+
+    def info(self, text: str) -> None:
+        if not self.quiet:
+            self.err.print(text)
+
+    def start(self, total: int, start_step: int) -> None:
+        if self.quiet or not self.tty:
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self.progress = Progress(TextColumn("distill"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                                 TimeRemainingColumn(), TextColumn("{task.description}"), console=self.err)
+        self.progress.start()
+        self.bar = self.progress.add_task("", total=total, completed=start_step)
+
+    def step(self, step: int, total: int, rec: dict) -> None:
+        parts = [f"loss {rec['loss']:.4f}"] + [f"{k} {rec[k]:.4f}" for k in ("kd", "ce", "hidden", "attention", "tensor") if rec[k]]
+        text = " ".join(parts) + f" | {rec['examples_per_s']:.1f} ex/s"
+        if self.progress is not None:
+            self.progress.update(self.bar, completed=step, description=text)
+        elif not self.quiet:
+            self.err.print(f"step {step}/{total} lr {rec['lr']:.3g} {text}")
+
+    def evaluated(self, step: int, metrics: dict, best: bool) -> None:
+        self.evals.append((step, metrics, best))
+        if not self.quiet:
+            m = " ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+            self.err.print(f"eval at step {step}: {m}{'  (best so far)' if best else ''}")
+
+    def finish(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
 
 
-@app.command(epilog="Example:  tdkd distill --teacher bert-base --student tinybert --data glue/SST-2 -o run")
-def distill(args: Optional[List[str]] = typer.Argument(None, hidden=True)):
-    """Distill a teacher into an (over-parameterized) student: KD + tensor constraint loss. (not built yet)"""
-    _not_built("distill")
+_D = "distill options (each overrides the recipe)"
+
+
+@app.command(epilog="Examples:  tdkd distill --recipe sst2-demo -o runs/demo  |  "
+             "tdkd distill --teacher teacher/ --student-layers 0,1,2 --data ../shared/data/glue/SST-2 --tensor-lambda 1e-4 -o run  |  "
+             "tdkd distill --teacher none --student minilm --data glue/SST-2 -o teacher-run  (fine-tune a teacher)  |  "
+             "tdkd distill -o run --resume  |  torchrun --nproc_per_node=2 -m tdkd_cli distill --recipe R -o run")
+def distill(
+    output: Path = typer.Option(..., "-o", "--output", help="Run directory (checkpoints/, best/, metrics.jsonl, recipe.yaml)."),
+    recipe: Optional[str] = typer.Option(None, "--recipe", help="Recipe YAML file or built-in name (see `tdkd recipes`)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in OUTPUT from its latest complete checkpoint."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing run directory."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON (and no progress)."),
+    teacher: Optional[str] = typer.Option(None, "--teacher", help="Teacher model, or 'none' to fine-tune without one (how teachers and no-KD baselines are made)."),
+    student: Optional[str] = typer.Option(None, "--student", help="Student model or `tdkd decompose` output. Default with --student-layers: the teacher."),
+    student_layers: Optional[str] = typer.Option(None, "--student-layers", help="Cut the student to these layers: 0,1,2 | every-other | first-K."),
+    init: Optional[str] = typer.Option(None, "--init", help="pretrained | random (presets build offline)."),
+    student_weights: Optional[str] = typer.Option(None, "--student-weights", help="safetensors weights of a timm student."),
+    teacher_weights: Optional[str] = typer.Option(None, "--teacher-weights", help="safetensors weights of a timm teacher."),
+    tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="Tokenizer directory when the models have none."),
+    data: Optional[str] = typer.Option(None, "--data", help="Task directory (train/dev .tsv), .tsv/.csv/.jsonl file, image folder, or builtin:sst2-sample."),
+    task: Optional[str] = typer.Option(None, "--task", help="sst2 rte mrpc cola stsb qnli qqp mnli (default: from the data path)."),
+    text_column: Optional[List[str]] = typer.Option(None, "--text-column", help="Text column of a generic file; repeat for pairs."),
+    label_column: Optional[str] = typer.Option(None, "--label-column", help="Label column of a generic file."),
+    train_split: Optional[str] = typer.Option(None, "--train-split", help="Training split name [train]."),
+    dev_split: Optional[str] = typer.Option(None, "--dev-split", help="Evaluation split name, or 'none' [dev]."),
+    train_limit: Optional[int] = typer.Option(None, "--train-limit", help="Use only the first N training examples."),
+    dev_limit: Optional[int] = typer.Option(None, "--dev-limit", help="Use only the first N dev examples."),
+    max_length: Optional[int] = typer.Option(None, "--max-length", help="Truncate token sequences [128]."),
+    mpo: Optional[bool] = typer.Option(None, "--mpo/--no-mpo", help="Train the student over-parameterized in MPO form [mpo]."),
+    n: Optional[int] = typer.Option(None, "--n", help="MPO cores per matrix for on-the-fly decomposition [5]."),
+    targets: Optional[List[str]] = typer.Option(None, "--targets", help="Glob of Linear layers to decompose; repeatable."),
+    shapes: Optional[List[str]] = typer.Option(None, "--shapes", help="Explicit factor shape DIM=F1,..; repeatable."),
+    alpha: Optional[float] = typer.Option(None, "--alpha", help="KD weight; CE gets 1-alpha [1.0]."),
+    temperature: Optional[float] = typer.Option(None, "--temperature", help="KD temperature T [1.0]."),
+    hidden_weight: Optional[float] = typer.Option(None, "--hidden-weight", help="Hidden-state MSE weight [0]."),
+    attention_weight: Optional[float] = typer.Option(None, "--attention-weight", help="Attention-map MSE weight [0]."),
+    tensor_lambda: Optional[float] = typer.Option(None, "--tensor-lambda", help="OPDF tensor constraint weight lambda [0]."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate of dense parameters [5e-5]."),
+    mpo_lr: Optional[float] = typer.Option(None, "--mpo-lr", help="Learning rate of MPO cores [= lr]."),
+    weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="AdamW weight decay of weight matrices [0.01]."),
+    warmup_ratio: Optional[float] = typer.Option(None, "--warmup-ratio", help="Warm-up fraction of the steps [0]."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Examples per micro-batch per process [32]."),
+    grad_accum: Optional[int] = typer.Option(None, "--grad-accum", help="Micro-batches per optimizer step [1]."),
+    epochs: Optional[float] = typer.Option(None, "--epochs", help="Passes over the data [3]."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Optimizer steps (overrides --epochs)."),
+    max_grad_norm: Optional[float] = typer.Option(None, "--max-grad-norm", help="Gradient clipping norm, 0 = off [1.0]."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed [42]."),
+    eval_every: Optional[int] = typer.Option(None, "--eval-every", help="Evaluate every N steps, 0 = at the end [0]."),
+    save_every: Optional[int] = typer.Option(None, "--save-every", help="Full-state checkpoint every N steps, 0 = at the end [0]."),
+    keep_last: Optional[int] = typer.Option(None, "--keep-last", help="Full-state checkpoints kept [2]."),
+    log_every: Optional[int] = typer.Option(None, "--log-every", help="Log averaged losses every N steps [10]."),
+    eval_batch_size: Optional[int] = typer.Option(None, "--eval-batch-size", help="Evaluation batch size [64]."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda [auto]."),
+):
+    """Distill a teacher into an over-parameterized (MPO) student: KD + OPDF tensor constraint.
+
+    Loss: alpha*KD(T) + (1-alpha)*CE + hidden_weight*MSE(hidden) + attention_weight*MSE(attn)
+    + tensor_lambda * L_aux, where L_aux pulls the student's auxiliary MPO cores towards the
+    teacher's (decomposed once with matching factor shapes, frozen). Writes a run directory;
+    `tdkd merge OUTPUT/best -o student` gives the deployable dense student."""
+    from . import recipe as recipe_mod
+    from . import train
+
+    overrides = dict(
+        teacher=teacher, student=student, student_layers=student_layers, init=init, student_weights=student_weights,
+        teacher_weights=teacher_weights, tokenizer=tokenizer, data=data, task=task, text_columns=text_column or None,
+        label_column=label_column, train_split=train_split, dev_split=dev_split, train_limit=train_limit,
+        dev_limit=dev_limit, max_length=max_length, mpo=mpo, n=n, targets=targets or None, shapes=shapes or None,
+        alpha=alpha, temperature=temperature, hidden_weight=hidden_weight, attention_weight=attention_weight,
+        tensor_lambda=tensor_lambda, lr=lr, mpo_lr=mpo_lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio,
+        batch_size=batch_size, grad_accum=grad_accum, epochs=epochs, max_steps=max_steps, max_grad_norm=max_grad_norm,
+        seed=seed, eval_every=eval_every, save_every=save_every, keep_last=keep_last, log_every=log_every,
+        eval_batch_size=eval_batch_size, device=device,
+    )
+    explicit = {k for k, v in overrides.items() if v is not None}
+    if recipe:
+        explicit |= set(recipe_mod.read(recipe))
+    r = recipe_mod.resolve(recipe, overrides)
+    reporter = _DistillReporter(quiet=as_json)
+    report = train.run(r, output, resume=resume, force=force, reporter=reporter, argv=sys.argv[1:], explicit=explicit)
+    if report.get("world_size", 1) > 1 and int(os.environ.get("RANK", "0")) != 0:
+        return
+    if as_json:
+        _emit_json(report)
+        return
+    from rich.table import Table
+
+    t = Table(title=f"distill -> {output}")
+    t.add_column("")
+    t.add_column("", justify="right")
+    best = report["best"]
+    rows = [("steps", _fmt_int(report["steps"])), ("processes x device", f"{report['world_size']} x {report['device']}"),
+            ("training examples", _fmt_int(report["train_examples"])),
+            ("parameters while training", _fmt_int(report["params_training"])),
+            ("parameters after merge", _fmt_int(report["params_inference"]))]
+    if report["aligned_cores"]:
+        rows.append(("aligned auxiliary cores", f"{report['aligned_cores']} (skipped {report['skipped_cores']})"))
+    for k, v in (report.get("final_metrics") or {}).items():
+        rows.append((f"final dev {k}", f"{v:.4f}"))
+    if best.get("value") is not None:
+        rows.append((f"best dev {best['metric']}", f"{best['value']:.4f} (step {best['step']})"))
+    rows += [("best model", report["best_dir"]), ("last full checkpoint", str(report["checkpoint"]))]
+    for a, b in rows:
+        t.add_row(a, b)
+    _console().print(t)
+    _console().print(f"next: tdkd merge {report['best_dir']} -o student && tdkd eval student --data ...")
+
+
+@app.command(epilog="Examples:  tdkd recipes  |  tdkd recipes sst2-demo  (print)  |  tdkd recipes sst2-demo --copy my.yaml")
+def recipes(
+    name: Optional[str] = typer.Argument(None, help="A built-in recipe to print (or copy with --copy)."),
+    copy: Optional[Path] = typer.Option(None, "--copy", help="Copy the recipe to this file for editing."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing --copy target."),
+):
+    """List the built-in recipes, print one, or copy one out for editing."""
+    from . import checkpoint, recipe as recipe_mod
+
+    if name is None:
+        if copy is not None:
+            raise _click_exc.UsageError("--copy needs a recipe NAME")
+        from rich.table import Table
+
+        t = Table(title=f"built-in recipes ({recipe_mod.builtin_dir()})")
+        t.add_column("name")
+        t.add_column("description")
+        for nm in recipe_mod.builtin_names():
+            t.add_row(nm, recipe_mod.describe(recipe_mod.builtin_dir() / f"{nm}.yaml"))
+        _console().print(t)
+        return
+    path = recipe_mod.resolve_path(name)
+    recipe_mod.read(str(path))
+    text = path.read_text()
+    if copy is None:
+        sys.stdout.write(text)
+        return
+    checkpoint.check_output(copy, force)
+    checkpoint.atomic_write_text(copy, text)
+    _console().print(f"copied {path.name} -> {copy}; run it with: tdkd distill --recipe {copy} -o RUN")
 
 
 @app.command("eval", epilog="Examples:  tdkd eval student --data ../shared/data/glue/SST-2 --task sst2  |  "

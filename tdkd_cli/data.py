@@ -7,6 +7,7 @@ and batching happen in the consumer (eval, distill)."""
 from __future__ import annotations
 
 import csv
+import os
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -238,3 +239,141 @@ def image_tensor(files: Sequence[Path], size: tuple[int, int], mean, std):
     mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
     std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
     return (x - mean) / std
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenization (once, cached) and batching for training
+# ----------------------------------------------------------------------------------------------
+TOKEN_CACHE_VERSION = "1"
+
+
+@dataclass
+class Encoded:
+    """Token ids per example (lists of ints) with token-type ids, and labels."""
+
+    input_ids: list[list[int]]
+    token_type_ids: list[list[int]] | None
+    labels: list
+    pad_id: int
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(x) for x in self.input_ids]
+
+
+def _cache_dir() -> Path:
+    import os
+
+    root = os.environ.get("TDKD_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "tdkd")
+    return Path(root) / "tokens"
+
+
+def _cache_key(text: TextData, tokenizer_dir: Path | None, max_length: int) -> str | None:
+    import hashlib
+
+    if tokenizer_dir is None:
+        return None
+    h = hashlib.sha256()
+    h.update(f"v{TOKEN_CACHE_VERSION}|{max_length}|{text.task.name}|{'/'.join(text.task.text_columns)}|{len(text)}".encode())
+    for item in text.texts:
+        h.update("\x1f".join(item).encode("utf-8", "surrogatepass"))
+        h.update(b"\x1e")
+    h.update(repr(text.labels).encode())
+    for name in sorted(p.name for p in Path(tokenizer_dir).iterdir() if p.is_file() and p.name != "model.safetensors"
+                       and (p.name.startswith(("tokenizer", "vocab", "special_tokens", "merges", "added_tokens", "spiece", "sentencepiece")))):
+        h.update(name.encode())
+        h.update((Path(tokenizer_dir) / name).read_bytes())
+    return h.hexdigest()[:32]
+
+
+def encode(text: TextData, tokenizer, max_length: int, tokenizer_dir: Path | None = None, use_cache: bool = True) -> Encoded:
+    """Tokenize every example once; reuse a cached result (safetensors, keyed by the examples, the
+    tokenizer files and max_length) when one exists."""
+    import torch
+
+    from . import checkpoint as ckpt
+
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    key = _cache_key(text, tokenizer_dir, max_length) if use_cache else None
+    cache = _cache_dir() / f"{key}.safetensors" if key else None
+    if cache is not None and cache.is_file():
+        try:
+            t = ckpt.load_tensors(cache)
+            offsets = t["offsets"].tolist()
+            ids = t["ids"].tolist()
+            types = t["types"].tolist() if "types" in t else None
+            input_ids = [ids[offsets[i]:offsets[i + 1]] for i in range(len(offsets) - 1)]
+            type_ids = [types[offsets[i]:offsets[i + 1]] for i in range(len(offsets) - 1)] if types is not None else None
+            if len(input_ids) == len(text):
+                return Encoded(input_ids, type_ids, list(text.labels), pad_id)
+        except Exception:  # a damaged cache entry is rebuilt, never trusted
+            pass
+    cols = list(zip(*text.texts))
+    enc = tokenizer(*[list(c) for c in cols], truncation=True, max_length=max_length)
+    input_ids = [list(x) for x in enc["input_ids"]]
+    type_ids = [list(x) for x in enc["token_type_ids"]] if "token_type_ids" in enc else None
+    if cache is not None:
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            offsets = [0]
+            for x in input_ids:
+                offsets.append(offsets[-1] + len(x))
+            tensors = {"ids": torch.tensor([v for x in input_ids for v in x], dtype=torch.int32),
+                       "offsets": torch.tensor(offsets, dtype=torch.int64)}
+            if type_ids is not None:
+                tensors["types"] = torch.tensor([v for x in type_ids for v in x], dtype=torch.int8)
+            tmp = cache.with_name(f".{cache.name}.tmp-{os.getpid()}")
+            ckpt.save_tensors(tensors, tmp)
+            os.replace(tmp, cache)
+        except OSError:
+            pass  # caching is an optimisation; a read-only cache directory is not an error
+    return Encoded(input_ids, type_ids, list(text.labels), pad_id)
+
+
+def collate(enc: Encoded, idx: Sequence[int], device: str = "cpu") -> dict:
+    """Pad a batch to its longest member: input_ids, attention_mask, token_type_ids, labels."""
+    import torch
+
+    width = max(len(enc.input_ids[i]) for i in idx)
+    ids = torch.full((len(idx), width), enc.pad_id, dtype=torch.long)
+    mask = torch.zeros((len(idx), width), dtype=torch.long)
+    types = torch.zeros((len(idx), width), dtype=torch.long) if enc.token_type_ids is not None else None
+    for r, i in enumerate(idx):
+        x = enc.input_ids[i]
+        ids[r, :len(x)] = torch.tensor(x)
+        mask[r, :len(x)] = 1
+        if types is not None:
+            types[r, :len(x)] = torch.tensor(enc.token_type_ids[i])
+    labels = [enc.labels[i] for i in idx]
+    lab = torch.tensor(labels, dtype=torch.float32 if isinstance(labels[0], float) else torch.long)
+    out = {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": lab.to(device)}
+    if types is not None:
+        out["token_type_ids"] = types.to(device)
+    return out
+
+
+def grouped_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int, group: int = 50) -> list[list[int]]:
+    """One epoch's batches, deterministic in (seed, epoch): shuffle, sort each window of
+    ``group`` batches by length (little padding), cut into batches, shuffle the batch order."""
+    import torch
+
+    g = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(epoch))
+    perm = torch.randperm(len(lengths), generator=g).tolist()
+    window = batch_size * group
+    batches = []
+    for s in range(0, len(perm), window):
+        part = sorted(perm[s:s + window], key=lambda i: lengths[i])
+        batches += [part[j:j + batch_size] for j in range(0, len(part), batch_size)]
+    order = torch.randperm(len(batches), generator=g).tolist()
+    return [batches[i] for i in order]
+
+
+def shuffled_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    import torch
+
+    g = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(epoch))
+    perm = torch.randperm(n, generator=g).tolist()
+    return [perm[j:j + batch_size] for j in range(0, n, batch_size)]

@@ -311,3 +311,56 @@ def bond_halves(cores: Sequence[torch.Tensor], k: int) -> tuple[torch.Tensor, to
     for c in flat[k + 1:]:
         right = _merge(right, c)
     return acc.reshape(-1, acc.shape[-1]), right.reshape(right.shape[0], -1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Factor shapes for student/teacher alignment (tensor constraint)
+# ----------------------------------------------------------------------------------------------
+def _divisors(x: int) -> list[int]:
+    return [d for d in range(1, x + 1) if x % d == 0]
+
+
+def _edge_shape(dim: int, b: int, n: int) -> Shape:
+    return (dim // b,) + (1,) * (n - 2) + (b,)
+
+
+def _aux_matches(a: list[Shape], b: list[Shape]) -> int:
+    c = central_index(len(a))
+    return sum(1 for k in range(len(a)) if k != c and a[k] == b[k])
+
+
+def align_plans(student_dims: tuple[int, int], teacher_dims: tuple[int, int], n: int,
+                student_shapes: tuple[Shape, Shape] | None = None) -> tuple[tuple[Shape, Shape], tuple[Shape, Shape]]:
+    """Factor shapes ((out, in) for the student, (out, in) for the teacher) that make as many
+    auxiliary cores as possible identical in shape, so the tensor constraint can align them.
+
+    Equal dimensions: the default [a,1..1,b] plan on both sides (every core aligns). Different
+    widths: [a,1..1,b] shapes whose trailing factors b are common divisors of both sides, chosen to
+    maximise the aligned auxiliary cores, then the largest trailing block. ``student_shapes`` fixes
+    the student's side (an already-decomposed student) and searches the teacher's only."""
+    (so, si), (to, ti) = student_dims, teacher_dims
+    if student_shapes is None and (so, si) == (to, ti):
+        plan = (plan_factors(so, n), plan_factors(si, n))
+        return plan, plan
+    if student_shapes is not None and (so, si) == (to, ti):
+        return student_shapes, student_shapes
+    if student_shapes is not None:
+        s_cores = core_shapes(*student_shapes, full_bonds(*student_shapes))
+        best, best_key = None, None
+        for bo in _divisors(to):
+            for bi in _divisors(ti):
+                t = (_edge_shape(to, bo, n), _edge_shape(ti, bi, n))
+                key = (_aux_matches(s_cores, core_shapes(*t, full_bonds(*t))), min(bo, to // bo) * min(bi, ti // bi))
+                if best_key is None or key > best_key:
+                    best, best_key = t, key
+        return student_shapes, best
+    best, best_key = None, None
+    for bo in _divisors(math.gcd(so, to)):
+        for bi in _divisors(math.gcd(si, ti)):
+            s = (_edge_shape(so, bo, n), _edge_shape(si, bi, n))
+            t = (_edge_shape(to, bo, n), _edge_shape(ti, bi, n))
+            matches = _aux_matches(core_shapes(*s, full_bonds(*s)), core_shapes(*t, full_bonds(*t)))
+            key = (matches, bo * bi)
+            if best_key is None or key > best_key:
+                best, best_key = (s, t), key
+    return best

@@ -54,6 +54,7 @@ def decompose_model(
     seed: int = 0,
     force: bool = False,
     trust_remote_code: bool = False,
+    layers: str | None = None,
     on_layer: Callable | None = None,
     on_plan: Callable | None = None,
 ) -> dict:
@@ -66,6 +67,8 @@ def decompose_model(
     shape_map = parse_shapes(shapes)
     loaded = models.load_model(spec, weights=weights, init=init, num_labels=num_labels,
                                trust_remote_code=trust_remote_code, seed=seed)
+    if layers:
+        loaded = models.cut_layers(loaded, layers)
     model = loaded.model
     patterns = list(targets) if targets else list(tensorize.default_targets(model, loaded.family))
     names = tensorize.select_targets(model, patterns)
@@ -93,29 +96,8 @@ def decompose_model(
     mpo_out = models.forward_output(model, loaded.family, probe)
     logit_diff = float((mpo_out.double() - ref_out.double()).abs().max())
 
-    tensors = {}
-    for key, value in model.state_dict().items():
-        if ".parametrizations.weight.original" in key:
-            continue
-        tensors[key] = value
-    for p in plans:
-        for k, c in enumerate(tensorize.layer_cores(modules[p.name])):
-            tensors[ckpt.core_key(p.name, k)] = c
-    manifest_layers = {L["name"]: {k: L[k] for k in ("out_features", "in_features", "out_shape", "in_shape", "bonds", "central", "dtype")}
-                       for L in layers}
-    source = dict(loaded.source)
     with ckpt.atomic_dir(out, force=force) as tmp:
-        ckpt.save_tensors(tensors, tmp / ckpt.TENSORS, metadata={"format": "pt", "tdkd": ckpt.FORMAT})
-        manifest = {
-            "format": ckpt.FORMAT, "format_version": ckpt.FORMAT_VERSION, "tdkd_version": __version__,
-            "source": source, "n": n, "rank": rank,
-            "tensors": {"file": ckpt.TENSORS, "sha256": ckpt.sha256_file(tmp / ckpt.TENSORS)},
-            "layers": manifest_layers,
-        }
-        import json
-
-        (tmp / ckpt.MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
-        tokenizer = ckpt.copy_tokenizer_files(loaded.tokenizer_dir, tmp)
+        tokenizer = write_model_files(tmp, model, loaded.source, loaded.tokenizer_dir, n=n, rank=rank)
     return {
         "model": spec, "output": str(out), "family": loaded.family, "n": n, "rank": rank,
         "layers": layers, "tokenizer_files": tokenizer,
@@ -129,6 +111,44 @@ def decompose_model(
             "output_max_abs_diff": logit_diff,
         },
     }
+
+
+def write_model_files(directory: Path, model, source: dict, tokenizer_dir: Path | None, *, n: int | None = None,
+                      rank: int | None = None, extra: dict | None = None) -> list[str]:
+    """Write a model in tdkd's checkpoint format into ``directory``: model.safetensors (cores under
+    ``<layer>.mpo_core.<k>``, every other tensor under its state_dict name), the tdkd.json
+    manifest, and tokenizer files. A model without MPO layers gives a manifest with no layers.
+    Returns the tokenizer files copied."""
+    import json
+
+    directory = Path(directory)
+    modules = tensorize.mpo_modules(model)
+    tensors = {}
+    for key, value in model.state_dict().items():
+        if ".parametrizations.weight.original" in key:
+            continue
+        tensors[key] = value
+    layers = {}
+    for name, module in modules.items():
+        plan = tensorize.layer_plan(module)
+        cores = tensorize.layer_cores(module)
+        for k, c in enumerate(cores):
+            tensors[ckpt.core_key(name, k)] = c
+        layers[name] = {"out_features": plan.out_features, "in_features": plan.in_features,
+                        "out_shape": list(plan.out_shape), "in_shape": list(plan.in_shape),
+                        "bonds": [1] + [int(c.shape[-1]) for c in cores], "central": plan.central,
+                        "dtype": _dtype_name(cores[0])}
+    ckpt.save_tensors(tensors, directory / ckpt.TENSORS, metadata={"format": "pt", "tdkd": ckpt.FORMAT})
+    manifest = {
+        "format": ckpt.FORMAT, "format_version": ckpt.FORMAT_VERSION, "tdkd_version": __version__,
+        "source": dict(source), "n": n, "rank": rank,
+        "tensors": {"file": ckpt.TENSORS, "sha256": ckpt.sha256_file(directory / ckpt.TENSORS)},
+        "layers": layers,
+    }
+    if extra:
+        manifest.update(extra)
+    (directory / ckpt.MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+    return ckpt.copy_tokenizer_files(tokenizer_dir, directory)
 
 
 def load_mpo_model(path: Path):

@@ -134,8 +134,12 @@ class MPOWeight(nn.Module):
         super().__init__()
         self.plan = plan
         self.empty = empty
+        # When set, forward returns this tensor instead of contracting (see rebuilt_weights).
+        self.override: torch.Tensor | None = None
 
     def forward(self, *cores: torch.Tensor) -> torch.Tensor:
+        if self.override is not None:
+            return self.override
         return mpo.contract(cores)
 
     def right_inverse(self, weight: torch.Tensor):
@@ -194,3 +198,49 @@ def merge(model: nn.Module) -> dict[str, LayerPlan]:
             module.weight.copy_(dense)
         merged[name] = plan
     return merged
+
+
+class RebuiltWeights:
+    """Dense weights contracted from the cores once and reused by every forward until released.
+
+    Under gradient accumulation each micro-batch's backward stops at a leaf copy of W (its gradient
+    accumulates there); ``backward()`` then sends the summed gradient through the contraction once,
+    so the cores cost one contraction forward and one backward per optimizer step, not per
+    micro-batch. With ``grad=False`` (evaluation) the weights are plain tensors without a graph."""
+
+    def __init__(self, model: nn.Module, grad: bool = True):
+        self.entries: list[tuple[MPOWeight, torch.Tensor, torch.Tensor]] = []
+        for module in mpo_modules(model).values():
+            pw = module.parametrizations.weight[0]
+            pw.override = None
+            if grad:
+                w = module.weight
+                leaf = w.detach().requires_grad_(True)
+            else:
+                with torch.no_grad():
+                    w = module.weight
+                leaf = w
+            pw.override = leaf
+            self.entries.append((pw, w, leaf))
+        self.grad = grad
+
+    def backward(self) -> None:
+        outs, grads = [], []
+        for _, w, leaf in self.entries:
+            if leaf.grad is not None:
+                outs.append(w)
+                grads.append(leaf.grad)
+        if outs:
+            torch.autograd.backward(outs, grads)
+
+    def release(self) -> None:
+        for pw, _, _ in self.entries:
+            pw.override = None
+        self.entries = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+        return False

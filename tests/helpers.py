@@ -29,3 +29,56 @@ def vit_tiny(tmp_path, name="vit.safetensors"):
 def rel_fro(a, b):
     a, b = a.double(), b.double()
     return float(torch.linalg.norm(a - b) / max(float(torch.linalg.norm(b)), 1e-30))
+
+
+def wordpiece_tokenizer(path, words):
+    """A small BERT-style WordPiece tokenizer saved to ``path`` (offline, no downloads)."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + sorted(words))}
+    tk = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+    tk.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tk.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tk.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+                                                      special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                                   sep_token="[SEP]", mask_token="[MASK]")
+    fast.save_pretrained(path)
+    return len(vocab)
+
+
+POS = ["good", "great", "fine", "warm", "funny", "wise", "charming", "clever", "delight", "best"]
+NEG = ["bad", "dull", "flat", "thin", "tedious", "mess", "boring", "worst", "awful", "weak"]
+NEU = ["the", "a", "film", "plot", "movie", "story", "is", "and", "was", "very"]
+
+
+def sentiment_task(root, n_train=192, n_dev=48, seed=0, name="SST-2"):
+    """A learnable SST-2-format task: label 1 when a sentence has more positive than negative words."""
+    import random
+
+    rng = random.Random(seed)
+    task = root / name
+    task.mkdir(parents=True, exist_ok=True)
+
+    def rows(n):
+        out = []
+        for _ in range(n):
+            label = rng.randint(0, 1)
+            k = rng.randint(1, 3)
+            words = rng.sample(POS if label else NEG, k) + rng.sample(NEG if label else POS, k - 1) + rng.sample(NEU, rng.randint(1, 4))
+            rng.shuffle(words)
+            out.append(f"{' '.join(words)}\t{label}")
+        return out
+
+    (task / "train.tsv").write_text("sentence\tlabel\n" + "\n".join(rows(n_train)) + "\n")
+    (task / "dev.tsv").write_text("sentence\tlabel\n" + "\n".join(rows(n_dev)) + "\n")
+    return task
+
+
+def tiny_pair(root, hidden=32, teacher_layers=4, heads=4, ffn=64):
+    """A tiny teacher (HF directory with tokenizer) on the sentiment vocabulary."""
+    words = set(POS + NEG + NEU)
+    _, tdir = bert_classifier(root, hidden=hidden, layers=teacher_layers, heads=heads, ffn=ffn, vocab=40, name="teacher")
+    wordpiece_tokenizer(tdir, words)
+    return tdir

@@ -100,6 +100,6 @@ def test_help_is_fast_and_lazy():
     assert "Example" in p.stdout and "--shapes" in p.stdout
 
 
-def test_unbuilt_command_says_so(capsys):
+def test_distill_without_output_is_a_usage_error(capsys):
     rc, _, err = run_cli(["distill"], capsys)
-    assert rc == 1 and err.strip() == "error: `tdkd distill` is not built yet in this version of tdkd"
+    assert rc == 2 and err.startswith("error: ") and "--output" in err and len(err.strip().splitlines()) == 1

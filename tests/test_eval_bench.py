@@ -11,7 +11,7 @@ from tdkd_cli import bench, evaluate, ops
 from tdkd_cli.cli import main
 from tdkd_cli.errors import UsageError
 
-from .helpers import bert_classifier
+from .helpers import bert_classifier, wordpiece_tokenizer
 
 
 def run_cli(args, capsys):
@@ -62,22 +62,6 @@ def test_percentile_interpolates():
 
 
 # ---------------------------------------------------------------- eval end to end
-def _tokenizer(path, words):
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + sorted(words))}
-    tk = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
-    tk.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tk.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tk.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-                                                      special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
-                                   sep_token="[SEP]", mask_token="[MASK]")
-    fast.save_pretrained(path)
-    return len(vocab)
-
-
 SENTS = ["a gripping , beautifully acted film", "the plot is thin and the jokes fall flat", "warm funny and wise",
          "a tedious mess", "one of the best films of the year", "nothing works here", "charming and clever",
          "dull dull dull", "an absolute delight", "i wanted my money back"]
@@ -92,7 +76,7 @@ def sst_setup(tmp_path_factory):
     (task / "dev.tsv").write_text("sentence\tlabel\n" + "\n".join(rows) + "\n")
     words = {w for s in SENTS for w in s.split()}
     _, model_dir = bert_classifier(d, hidden=32, layers=2, heads=4, ffn=64, vocab=64)
-    _tokenizer(model_dir, words)
+    wordpiece_tokenizer(model_dir, words)
     ops.decompose_model(str(model_dir), d / "mpo", n=3)
     ops.merge_checkpoint(d / "mpo", d / "merged")
     return d
