@@ -233,7 +233,7 @@ def distill(
     dev_limit: Optional[int] = typer.Option(None, "--dev-limit", help="Use only the first N dev examples."),
     max_length: Optional[int] = typer.Option(None, "--max-length", help="Truncate token sequences [128]."),
     mpo: Optional[bool] = typer.Option(None, "--mpo/--no-mpo", help="Train the student over-parameterized in MPO form [mpo]."),
-    n: Optional[int] = typer.Option(None, "--n", help="MPO cores per matrix for on-the-fly decomposition [5]."),
+    n: Optional[int] = typer.Option(None, "--n", "--mpo-n", help="MPO cores per matrix for on-the-fly decomposition [5]. Under torchrun write --mpo-n (torchrun's parser takes --n as an abbreviation of its own options)."),
     targets: Optional[List[str]] = typer.Option(None, "--targets", help="Glob of Linear layers to decompose; repeatable."),
     shapes: Optional[List[str]] = typer.Option(None, "--shapes", help="Explicit factor shape DIM=F1,..; repeatable."),
     alpha: Optional[float] = typer.Option(None, "--alpha", help="KD weight; CE gets 1-alpha [1.0]."),

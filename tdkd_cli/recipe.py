@@ -79,6 +79,12 @@ def _check_type(key: str, value: Any, where: str) -> Any:
     kind = SCHEMA[key][0]
     if value is None:
         return None
+    if kind == "float" and isinstance(value, str):
+        # YAML 1.1 reads 1e-4 (no dot) as a string; accept what is plainly a number
+        try:
+            value = float(value)
+        except ValueError:
+            pass
     ok = {
         "str": isinstance(value, str),
         "int": isinstance(value, int) and not isinstance(value, bool),

@@ -3,12 +3,12 @@
 import torch
 
 
-def bert_classifier(tmp_path, hidden=768, layers=2, heads=12, ffn=3072, vocab=1000, labels=2, name="bert"):
+def bert_classifier(tmp_path, hidden=768, layers=2, heads=12, ffn=3072, vocab=1000, labels=2, name="bert", init_range=0.02):
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(0)
     cfg = BertConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                     intermediate_size=ffn, max_position_embeddings=64, num_labels=labels)
+                     intermediate_size=ffn, max_position_embeddings=64, num_labels=labels, initializer_range=init_range)
     model = BertForSequenceClassification(cfg).eval()
     path = tmp_path / name
     model.save_pretrained(path)
@@ -82,3 +82,15 @@ def tiny_pair(root, hidden=32, teacher_layers=4, heads=4, ffn=64):
     _, tdir = bert_classifier(root, hidden=hidden, layers=teacher_layers, heads=heads, ffn=ffn, vocab=40, name="teacher")
     wordpiece_tokenizer(tdir, words)
     return tdir
+
+
+def run_cli(args, capsys):
+    """Run the tdkd CLI in-process: (exit code, stdout, stderr)."""
+    import pytest
+
+    from tdkd_cli.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    out = capsys.readouterr()
+    return exc.value.code, out.out, out.err

@@ -9,14 +9,7 @@ import pytest
 
 from tdkd_cli.cli import main
 
-from .helpers import bert_classifier
-
-
-def run_cli(args, capsys):
-    with pytest.raises(SystemExit) as exc:
-        main(args)
-    out = capsys.readouterr()
-    return exc.value.code, out.out, out.err
+from .helpers import bert_classifier, run_cli
 
 
 @pytest.fixture(scope="module")

@@ -11,14 +11,7 @@ from tdkd_cli import bench, evaluate, ops
 from tdkd_cli.cli import main
 from tdkd_cli.errors import UsageError
 
-from .helpers import bert_classifier, wordpiece_tokenizer
-
-
-def run_cli(args, capsys):
-    with pytest.raises(SystemExit) as exc:
-        main(args)
-    out = capsys.readouterr()
-    return exc.value.code, out.out, out.err
+from .helpers import bert_classifier, wordpiece_tokenizer, run_cli
 
 
 # ---------------------------------------------------------------- metrics

@@ -8,14 +8,7 @@ import torch
 from tdkd_cli import checkpoint, models, ops, tensorize
 from tdkd_cli.cli import main
 
-from .helpers import bert_classifier, rel_fro, vit_tiny
-
-
-def run_cli(args, capsys):
-    with pytest.raises(SystemExit) as exc:
-        main(args)
-    out = capsys.readouterr()
-    return exc.value.code, out.out, out.err
+from .helpers import bert_classifier, rel_fro, vit_tiny, run_cli
 
 
 def _hf_logits(model, vocab=1000):
