@@ -18,12 +18,20 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
-# decompose -> merge (with its built-in equivalence check) on the real MiniLM-L6 weights.
+# The whole pipeline on the shipped default (real MiniLM-L6 weights, SST-2 sample, CPU):
+# fine-tune a teacher -> cut + decompose a 3-layer student -> distill (KD + tensor constraint)
+# -> merge (verified) -> eval -> bench teacher vs. student.
+TDKD := $(BIN)/tdkd
 demo: install
 	rm -rf $(OUT) && mkdir -p $(OUT)
-	$(BIN)/tdkd decompose minilm --num-labels 2 -o $(OUT)/minilm-mpo
-	$(BIN)/tdkd merge $(OUT)/minilm-mpo -o $(OUT)/minilm-merged
-	$(BIN)/python benchmarks/verify_roundtrip.py minilm $(OUT)/minilm-merged
+	$(TDKD) distill --recipe sst2-demo-teacher -o $(OUT)/teacher-run
+	$(TDKD) merge $(OUT)/teacher-run/best -o $(OUT)/teacher
+	$(TDKD) decompose $(OUT)/teacher --layers every-other -o $(OUT)/student-mpo > $(OUT)/decompose.txt
+	$(TDKD) distill --recipe sst2-demo --teacher $(OUT)/teacher --student $(OUT)/student-mpo -o $(OUT)/student-run
+	$(TDKD) merge $(OUT)/student-run/best -o $(OUT)/student
+	$(TDKD) eval $(OUT)/teacher --data builtin:sst2-sample
+	$(TDKD) eval $(OUT)/student --data builtin:sst2-sample
+	$(TDKD) bench $(OUT)/teacher $(OUT)/student --batch-size 32 --seq-len 64 --iters 20
 
 test: install
 	$(BIN)/python -m pytest

@@ -49,6 +49,19 @@ TASKS: dict[str, Task] = {
 TASK_ALIASES = {"sst-2": "sst2", "sts-b": "stsb", "glue/sst-2": "sst2"}
 
 
+BUILTIN_DATA = {"sst2-sample": "sst2"}
+
+
+def resolve_data(spec: str) -> tuple[Path, str | None]:
+    """A data path, or ``builtin:NAME`` for a data set shipped with tdkd: (path, its task or None)."""
+    if str(spec).startswith("builtin:"):
+        name = str(spec).split(":", 1)[1]
+        if name not in BUILTIN_DATA:
+            raise UsageError(f"unknown built-in data set {name!r} (known: {', '.join('builtin:' + k for k in BUILTIN_DATA)})")
+        return Path(__file__).resolve().parent / "data" / name, BUILTIN_DATA[name]
+    return Path(spec).expanduser(), None
+
+
 def get_task(name: str) -> Task:
     key = TASK_ALIASES.get(name.lower(), name.lower())
     if key not in TASKS:

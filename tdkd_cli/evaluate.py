@@ -54,15 +54,17 @@ def predict_text(model, tokenizer, texts: Sequence[tuple[str, ...]], batch_size:
 
     if batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1 (got {batch_size})")
-    enc = [tokenizer(*t, truncation=True, max_length=max_length)["input_ids"] for t in texts]
-    order = sorted(range(len(enc)), key=lambda i: len(enc[i]))
+    enc = [dict(tokenizer(*t, truncation=True, max_length=max_length)) for t in texts]
+    order = sorted(range(len(enc)), key=lambda i: len(enc[i]["input_ids"]))
     out = [None] * len(enc)
     model.eval().to(device)
     with torch.no_grad():
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
-            batch = tokenizer.pad({"input_ids": [enc[i] for i in idx]}, return_tensors="pt")
-            logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
+            batch = tokenizer.pad([enc[i] for i in idx], return_tensors="pt")
+            # token_type_ids matter for sentence pairs (RTE, MRPC, ...): pass them when the tokenizer makes them
+            inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
+            logits = model(**inputs).logits
             for j, i in enumerate(idx):
                 out[i] = logits[j].float().cpu()
             if on_batch:

@@ -252,6 +252,8 @@ def evaluate_model(
         raise UsageError(f"--limit must be at least 1 (got {limit})")
     if predictions is not None:
         ckpt.check_output(Path(predictions), force=True)
+    data, builtin_task = data_mod.resolve_data(str(data))
+    task = task or builtin_task
     loaded = load_any(spec, init=init, seed=seed)
     if loaded.family == "timm":
         images = data_mod.load_images(Path(data), split)

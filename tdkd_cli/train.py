@@ -292,18 +292,6 @@ def teacher_cores(student: nn.Module, teacher: nn.Module, reporter: Reporter) ->
 # ----------------------------------------------------------------------------------------------
 # Data
 # ----------------------------------------------------------------------------------------------
-BUILTIN_DATA = {"sst2-sample": "sst2"}
-
-
-def resolve_data(spec: str) -> tuple[Path, str | None]:
-    if spec.startswith("builtin:"):
-        name = spec.split(":", 1)[1]
-        if name not in BUILTIN_DATA:
-            raise UsageError(f"unknown built-in data set {name!r} (known: {', '.join(BUILTIN_DATA)})")
-        return Path(__file__).resolve().parent / "data" / name, BUILTIN_DATA[name]
-    return Path(spec).expanduser(), None
-
-
 @dataclass
 class Dataset:
     kind: str  # "text" | "images"
@@ -323,7 +311,7 @@ class Dataset:
 
 
 def load_dataset(r: dict) -> tuple[Dataset, Path]:
-    path, builtin_task = resolve_data(r["data"])
+    path, builtin_task = data_mod.resolve_data(r["data"])
     if not path.exists():
         raise UsageError(f"data {path} not found")
     if data_mod.is_image_folder(path) or (path / r["train_split"]).is_dir() and data_mod.is_image_folder(path / r["train_split"]):
@@ -665,6 +653,7 @@ def run(r: dict, out: Path, *, resume: bool = False, force: bool = False, report
     cached_epoch = (None, None)
     last_metrics: dict = {}
     reporter.start(total, start_step)
+    t_start = time.perf_counter()
 
     def save(step: int) -> Path:
         rng = _gather_rng(dist)
@@ -757,7 +746,7 @@ def run(r: dict, out: Path, *, resume: bool = False, force: bool = False, report
                 mean = torch.stack(window).mean(0)
                 rec = {"step": step, "epoch": round(step / steps_per_epoch, 4),
                        "lr": optimizer.param_groups[0]["lr"],
-                       **{k: round(float(v), 6) for k, v in zip(term_names, mean.tolist())},
+                       **{k: float(f"{v:.6g}") for k, v in zip(term_names, mean.tolist())},
                        "examples_per_s": round(ex_window * dist.world / max(now - t_window, 1e-9), 2)}
                 if dist.main:
                     _append_jsonl(out / "metrics.jsonl", rec)
@@ -789,7 +778,10 @@ def run(r: dict, out: Path, *, resume: bool = False, force: bool = False, report
         runinfo["status"] = "finished"
         ckpt.atomic_write_text(out / RUN_FILE, json.dumps(runinfo, indent=1) + "\n")
     dist.barrier()
+    elapsed = time.perf_counter() - t_start
     return {"output": str(out), "steps": total, "best": best, "final_metrics": last_metrics,
+            "train_seconds": round(elapsed, 2), "steps_run": total - start_step,
+            "seconds_per_step": round(elapsed / max(1, total - start_step), 4),
             "checkpoint": str(checkpoint_dirs(out)[-1]) if checkpoint_dirs(out) else None,
             "best_dir": str(out / "best"), "world_size": dist.world, "device": device, **info}
 

@@ -1,0 +1,153 @@
+"""The SST-2 / RTE experiments of docs/results.md, run with tdkd itself.
+
+    python benchmarks/opdf_experiments.py run --task sst2 --glue ../shared/data/glue --seeds 1 2 3
+    python benchmarks/opdf_experiments.py table            # prints the markdown table
+
+For a task: fine-tune the teacher (recipes/<task>-teacher.yaml) and merge it; then for each seed and
+arm a (fine-tune), b (KD), c (KD + MPO), d (OPDF: KD + MPO + tensor constraint) run
+`tdkd distill --recipe <task>-<arm>`, merge the best checkpoint (`tdkd merge`, verified) and score
+the merged student with `tdkd eval`. Finished runs are skipped and unfinished ones resumed, so the
+command can be rerun after an interruption. Everything lands under --out (default runs/exp).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+ARMS = {"a": "a-finetune", "b": "b-kd", "c": "c-kd-mpo", "d": "d-opdf"}
+ARM_NAMES = {"a": "(a) fine-tune, no teacher", "b": "(b) logit KD", "c": "(c) KD + MPO, lambda=0",
+             "d": "(d) OPDF: KD + MPO + constraint"}
+TASK_DIRS = {"sst2": "SST-2", "rte": "RTE"}
+
+
+def tdkd(*args: str, capture: bool = False) -> str:
+    cmd = [sys.executable, "-m", "tdkd_cli", *args]
+    print("+ tdkd " + " ".join(args), file=sys.stderr, flush=True)
+    p = subprocess.run(cmd, stdout=subprocess.PIPE if capture else None, text=True)
+    if p.returncode != 0:
+        sys.exit(f"command failed ({p.returncode}): tdkd {' '.join(args)}")
+    return p.stdout if capture else ""
+
+
+def finished(run: Path) -> bool:
+    try:
+        return json.loads((run / "run.json").read_text()).get("status") == "finished"
+    except (OSError, ValueError):
+        return False
+
+
+def distill(run: Path, recipe: str, *extra: str) -> None:
+    if finished(run) and (run / "summary.json").is_file():
+        return
+    mode = ["--resume"] if (run / "run.json").is_file() else []
+    out = tdkd("distill", "--recipe", recipe, "-o", str(run), "--json", *mode, *extra, capture=True)
+    (run / "summary.json").write_text(out)
+
+
+def merge_and_eval(run: Path, data: Path, task: str) -> dict:
+    merged = run.parent / f"{run.name}-merged"
+    result = run / "eval-merged.json"
+    if result.is_file():
+        return json.loads(result.read_text())
+    tdkd("merge", str(run / "best"), "-o", str(merged), "--force", "--json", capture=True)
+    out = tdkd("eval", str(merged), "--data", str(data), "--task", task, "--json", capture=True)
+    result.write_text(out)
+    return json.loads(out)
+
+
+def cmd_run(a) -> None:
+    task, data = a.task, Path(a.glue) / TASK_DIRS[a.task]
+    root = Path(a.out) / task
+    root.mkdir(parents=True, exist_ok=True)
+    teacher_run, teacher = root / "teacher-run", root / "teacher"
+    distill(teacher_run, f"{task}-teacher", "--data", str(data))
+    if not (teacher / "config.json").is_file():
+        tdkd("merge", str(teacher_run / "best"), "-o", str(teacher), "--force", "--json", capture=True)
+    if not (teacher_run / "eval-merged.json").is_file():
+        out = tdkd("eval", str(teacher), "--data", str(data), "--task", task, "--json", capture=True)
+        (teacher_run / "eval-merged.json").write_text(out)
+    for seed in a.seeds:
+        for arm in a.arms:
+            run = root / f"{arm}-s{seed}"
+            models = ["--teacher", "none", "--student", str(teacher)] if arm == "a" else ["--teacher", str(teacher)]
+            distill(run, f"{task}-{ARMS[arm]}", "--data", str(data), "--seed", str(seed), *models, *a.extra)
+            merge_and_eval(run, data, task)
+
+
+def _mean_std(xs):
+    if not xs:
+        return "-"
+    m = statistics.mean(xs)
+    s = statistics.stdev(xs) if len(xs) > 1 else 0.0
+    return f"{100 * m:.2f} ± {100 * s:.2f}"
+
+
+def cmd_table(a) -> None:
+    lines = []
+    for task in a.tasks:
+        root = Path(a.out) / task
+        if not root.is_dir():
+            continue
+        t_eval = root / "teacher-run" / "eval-merged.json"
+        t_sum = root / "teacher-run" / "summary.json"
+        metric = "accuracy"
+        lines.append(f"\n### {TASK_DIRS[task]} (dev {metric}, %)\n")
+        if t_eval.is_file():
+            te = json.loads(t_eval.read_text())
+            ts = json.loads(t_sum.read_text())
+            lines.append(f"Teacher (MiniLM-L6 fine-tuned, {ts['params_inference']:,} parameters): "
+                         f"**{100 * te['metrics'][metric]:.2f}** on {te['examples']} dev examples, "
+                         f"{ts['steps']} steps at {ts['seconds_per_step']:.3f} s/step.\n")
+        lines.append("| arm | seeds | dev accuracy (mean ± sd) | per seed | best during training = merged eval | "
+                     "params training | params inference | s/step |")
+        lines.append("|---|---|---|---|---|---|---|---|")
+        for arm in a.arms:
+            runs = sorted(root.glob(f"{arm}-s*[0-9]"))
+            accs, match, s_step, p_train, p_inf, seeds = [], True, [], None, None, []
+            for run in runs:
+                ev, sm = run / "eval-merged.json", run / "summary.json"
+                if not (ev.is_file() and sm.is_file()):
+                    continue
+                e, s = json.loads(ev.read_text()), json.loads(sm.read_text())
+                acc = e["metrics"][metric]
+                accs.append(acc)
+                seeds.append(run.name.split("-s")[-1])
+                match &= math.isclose(acc, s["best"]["value"], abs_tol=1e-9)
+                s_step.append(s["seconds_per_step"])
+                p_train, p_inf = s["params_training"], s["params_inference"]
+            if not accs:
+                continue
+            per = ", ".join(f"{100 * x:.2f}" for x in accs)
+            lines.append(f"| {ARM_NAMES[arm]} | {','.join(seeds)} | {_mean_std(accs)} | {per} | {'yes' if match else 'NO'} | "
+                         f"{p_train:,} | {p_inf:,} | {statistics.mean(s_step):.3f} |")
+    lines.append(f"\nMachine: {platform.machine()}, {platform.processor() or 'cpu'}, Python {platform.python_version()}.")
+    print("\n".join(lines))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run")
+    r.add_argument("--task", choices=list(TASK_DIRS), required=True)
+    r.add_argument("--glue", default="../shared/data/glue")
+    r.add_argument("--out", default="runs/exp")
+    r.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    r.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    r.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="further tdkd distill options for the arms")
+    t = sub.add_parser("table")
+    t.add_argument("--out", default="runs/exp")
+    t.add_argument("--tasks", nargs="+", default=list(TASK_DIRS))
+    t.add_argument("--arms", nargs="+", default=list(ARMS))
+    a = ap.parse_args()
+    cmd_run(a) if a.cmd == "run" else cmd_table(a)
+
+
+if __name__ == "__main__":
+    main()
