@@ -610,12 +610,17 @@ def run(r: dict, out: Path, *, resume: bool = False, force: bool = False, report
     else:
         torch.manual_seed(r["seed"] + dist.rank)
     if dist.main:
-        out.mkdir(exist_ok=True)
-        ckpt.atomic_write_text(out / "recipe.yaml", recipe_mod.dump(r))
-        ckpt.atomic_write_text(out / RUN_FILE, json.dumps({
+        run_json = json.dumps({
             "format": "tdkd-run", "tdkd_version": __version__, "world_size": dist.world, "device": device,
             "argv": argv, "status": "running", "total_steps": total, "data": str(data_path),
-        }, indent=1) + "\n")
+        }, indent=1) + "\n"
+        if not out.exists():  # created whole (run.json + recipe.yaml) or not at all
+            with ckpt.atomic_dir(out) as tmp:
+                (tmp / "recipe.yaml").write_text(recipe_mod.dump(r))
+                (tmp / RUN_FILE).write_text(run_json)
+        else:
+            ckpt.atomic_write_text(out / RUN_FILE, run_json)
+            _remove_stale_temporaries(out)
         _trim_metrics(out / "metrics.jsonl", start_step)
     dist.barrier()
 
@@ -864,6 +869,15 @@ def _gather_rng(dist: Dist) -> dict[str, torch.Tensor]:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         out[f"rng.cuda.{dist.rank}"] = torch.cuda.get_rng_state()
     return out
+
+
+def _remove_stale_temporaries(out: Path) -> None:
+    """Half-written directories of a killed run (``.NAME.tmp-*``, never under a final name)."""
+    for d in (out, out / "checkpoints"):
+        if d.is_dir():
+            for p in d.iterdir():
+                if p.name.startswith(".") and (".tmp-" in p.name or ".old-" in p.name):
+                    shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
 
 def _append_jsonl(path: Path, rec: dict) -> None:
