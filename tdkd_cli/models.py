@@ -235,7 +235,10 @@ def load_model(
         labels = 2 if num_labels is None else num_labels
         if init == "random":
             model = _hf_from_config(p["config"], labels)
-            return Loaded(model.eval(), "hf", _hf_source(model, spec), None)
+            # bert-base, tinybert and minilm share the bert-base-uncased WordPiece vocabulary (30,522
+            # tokens): the offline MiniLM package's tokenizer serves all three when installed
+            tok = preset_dir("minilm") if p["config"].get("vocab_size") == 30522 else None
+            return Loaded(model.eval(), "hf", _hf_source(model, spec), tok)
         local = preset_dir(spec)
         if local is not None:
             loaded = load_hf_dir(local, spec, labels, False)
