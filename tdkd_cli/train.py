@@ -497,6 +497,9 @@ def run(r: dict, out: Path, *, resume: bool = False, force: bool = False, report
         student = models.cut_layers(student, r["student_layers"])
     if teacher is not None:
         check_vocab(teacher, student)
+    if student.family == "timm" and (r["hidden_weight"] > 0 or r["attention_weight"] > 0):
+        raise UsageError("hidden_weight and attention_weight work with Hugging Face text models; for timm models use logit KD "
+                         "and the tensor constraint")
     s_out = _num_outputs(student)
     if s_out is not None and s_out != ds.num_labels:
         raise UsageError(f"student {student_spec} has {s_out} outputs but the task has {ds.num_labels} labels")
@@ -613,6 +616,8 @@ def run(r: dict, out: Path, *, resume: bool = False, force: bool = False, report
         run_json = json.dumps({
             "format": "tdkd-run", "tdkd_version": __version__, "world_size": dist.world, "device": device,
             "argv": argv, "status": "running", "total_steps": total, "data": str(data_path),
+            "tensor_constraint": [{"student": p.student, "teacher": p.teacher, "aligned_cores": list(p.cores),
+                                   "skipped_cores": list(p.skipped)} for p in pairs],
         }, indent=1) + "\n"
         if not out.exists():  # created whole (run.json + recipe.yaml) or not at all
             with ckpt.atomic_dir(out) as tmp:

@@ -330,3 +330,43 @@ def test_two_process_torchrun_on_cpu(setup, tmp_path):
     loaded, _ = ops.load_mpo_model(kept[-1])  # one consistent, loadable checkpoint
     assert len(tensorize.mpo_modules(loaded.model)) == 12
     assert not any(n.startswith(".") for n in os.listdir(run / "checkpoints"))
+
+
+def test_timm_image_folder_distill_merge_eval(tmp_path, capsys):
+    import timm
+    from PIL import Image
+    from safetensors.torch import save_file
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    root = tmp_path / "digits"
+    for i in range(120):
+        split = "train" if i < 80 else "dev"
+        cls = root / split / str(digits.target[i])
+        cls.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((digits.images[i] * 255 / 16).astype("uint8")).convert("RGB").save(cls / f"{i}.png")
+    torch.manual_seed(0)
+    args = {"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 48, "num_heads": 3}
+    model = timm.create_model("vit_tiny_patch16_224", num_classes=10, **args).eval()
+    mdir = tmp_path / "vit"
+    mdir.mkdir()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(mdir / "model.safetensors"))
+    (mdir / "config.json").write_text(json.dumps({"architecture": "vit_tiny_patch16_224", "num_classes": 10, "model_args": args}))
+    run = tmp_path / "run"
+    rc, out, err = run_cli(["distill", "--teacher", str(mdir), "--student-layers", "1", "--data", str(root), "--n", "3",
+                            "--tensor-lambda", "1e-2", "--batch-size", "16", "--max-steps", "4", "--device", "cpu",
+                            "-o", str(run), "--json"], capsys)
+    assert rc == 0, err
+    report = json.loads(out)
+    assert report["aligned_cores"] == 4 * 2 and report["dev_examples"] == 40 and report["best"]["metric"] == "top1"
+    info = json.loads((run / "run.json").read_text())
+    assert {p["teacher"] for p in info["tensor_constraint"]} == {"blocks.1.attn.qkv", "blocks.1.attn.proj", "blocks.1.mlp.fc1", "blocks.1.mlp.fc2"}
+    rc, _, err = run_cli(["merge", str(run / "best"), "-o", str(tmp_path / "merged")], capsys)
+    assert rc == 0, err
+    assert json.loads((tmp_path / "merged" / "config.json").read_text())["model_args"]["depth"] == 1
+    rc, out, err = run_cli(["eval", str(tmp_path / "merged"), "--data", str(root), "--json"], capsys)
+    assert rc == 0, err
+    assert json.loads(out)["metrics"]["top1"] == pytest.approx(report["best"]["value"])
+    rc, _, err = run_cli(["distill", "--teacher", str(mdir), "--student-layers", "1", "--data", str(root),
+                          "--hidden-weight", "1", "--device", "cpu", "-o", str(tmp_path / "run2")], capsys)
+    assert rc == 2 and "timm" in err
