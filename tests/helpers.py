@@ -94,3 +94,37 @@ def run_cli(args, capsys):
         main(args)
     out = capsys.readouterr()
     return exc.value.code, out.out, out.err
+
+
+VIT_ARGS = {"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 48, "num_heads": 3}
+
+
+def digits_folder(root, count=40, dev_from=None):
+    """Real 8x8 digit images (scikit-learn's bundled set) as an image folder ROOT/[split/]CLASS/i.png;
+    with ``dev_from`` images from that index on go to dev/, the rest to train/."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    for i in range(count):
+        split = "" if dev_from is None else ("train" if i < dev_from else "dev")
+        cls = root / split / str(digits.target[i])
+        cls.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((digits.images[i] * 255 / 16).astype("uint8")).convert("RGB").save(cls / f"{i}.png")
+    return root
+
+
+def tiny_vit_dir(path, num_classes=10):
+    """A tiny timm ViT (32x32 input) saved as a tdkd timm directory: config.json + model.safetensors."""
+    import json
+
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", num_classes=num_classes, **VIT_ARGS).eval()
+    path.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path / "model.safetensors"))
+    (path / "config.json").write_text(json.dumps({"architecture": "vit_tiny_patch16_224", "num_classes": num_classes,
+                                                  "model_args": VIT_ARGS}))
+    return model, path

@@ -14,7 +14,8 @@ import torch
 from tdkd_cli import mpo, ops, recipe, tensorize, train
 from tdkd_cli.errors import UsageError
 
-from .helpers import bert_classifier, run_cli, sentiment_task, tiny_pair, wordpiece_tokenizer, POS, NEG, NEU
+from .helpers import (NEG, NEU, POS, bert_classifier, digits_folder, run_cli, sentiment_task, tiny_pair, tiny_vit_dir,
+                      wordpiece_tokenizer)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -333,25 +334,8 @@ def test_two_process_torchrun_on_cpu(setup, tmp_path):
 
 
 def test_timm_image_folder_distill_merge_eval(tmp_path, capsys):
-    import timm
-    from PIL import Image
-    from safetensors.torch import save_file
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    root = tmp_path / "digits"
-    for i in range(120):
-        split = "train" if i < 80 else "dev"
-        cls = root / split / str(digits.target[i])
-        cls.mkdir(parents=True, exist_ok=True)
-        Image.fromarray((digits.images[i] * 255 / 16).astype("uint8")).convert("RGB").save(cls / f"{i}.png")
-    torch.manual_seed(0)
-    args = {"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 48, "num_heads": 3}
-    model = timm.create_model("vit_tiny_patch16_224", num_classes=10, **args).eval()
-    mdir = tmp_path / "vit"
-    mdir.mkdir()
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(mdir / "model.safetensors"))
-    (mdir / "config.json").write_text(json.dumps({"architecture": "vit_tiny_patch16_224", "num_classes": 10, "model_args": args}))
+    root = digits_folder(tmp_path / "digits", count=120, dev_from=80)
+    _, mdir = tiny_vit_dir(tmp_path / "vit")
     run = tmp_path / "run"
     rc, out, err = run_cli(["distill", "--teacher", str(mdir), "--student-layers", "1", "--data", str(root), "--n", "3",
                             "--tensor-lambda", "1e-2", "--batch-size", "16", "--max-steps", "4", "--device", "cpu",

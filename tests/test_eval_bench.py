@@ -11,7 +11,7 @@ from tdkd_cli import bench, evaluate, ops
 from tdkd_cli.cli import main
 from tdkd_cli.errors import UsageError
 
-from .helpers import bert_classifier, wordpiece_tokenizer, run_cli
+from .helpers import bert_classifier, digits_folder, run_cli, tiny_vit_dir, wordpiece_tokenizer
 
 
 # ---------------------------------------------------------------- metrics
@@ -113,24 +113,8 @@ def test_eval_bad_inputs(sst_setup, capsys, tmp_path):
 
 
 def test_eval_images_top1_top5(tmp_path, capsys):
-    import timm
-    from PIL import Image
-    from safetensors.torch import save_file
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    root = tmp_path / "digits"
-    for i in range(40):
-        cls = root / str(digits.target[i])
-        cls.mkdir(parents=True, exist_ok=True)
-        Image.fromarray((digits.images[i] * 255 / 16).astype("uint8")).convert("RGB").save(cls / f"{i}.png")
-    torch.manual_seed(0)
-    args = {"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 48, "num_heads": 3}
-    model = timm.create_model("vit_tiny_patch16_224", num_classes=10, **args).eval()
-    mdir = tmp_path / "vit"
-    mdir.mkdir()
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(mdir / "model.safetensors"))
-    (mdir / "config.json").write_text(json.dumps({"architecture": "vit_tiny_patch16_224", "num_classes": 10, "model_args": args}))
+    root = digits_folder(tmp_path / "digits", count=40)
+    _, mdir = tiny_vit_dir(tmp_path / "vit")
     rc, out, err = run_cli(["eval", str(mdir), "--data", str(root), "--json"], capsys)
     assert rc == 0, err
     r = json.loads(out)
