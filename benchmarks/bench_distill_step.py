@@ -41,8 +41,6 @@ def build(width: int, layers: int, mpo_n: int | None, seed: int = 0):
 
 
 def step(model, opt, batches, once: bool) -> float:
-    import torch
-
     from tdkd_cli import losses, tensorize
 
     t0 = time.perf_counter()

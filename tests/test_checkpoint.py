@@ -4,7 +4,6 @@ import json
 import shutil
 
 import pytest
-import torch
 
 from tdkd_cli import checkpoint, ops
 from tdkd_cli.errors import CheckpointError, TdkdError

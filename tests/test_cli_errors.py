@@ -7,7 +7,6 @@ import sys
 
 import pytest
 
-from tdkd_cli.cli import main
 
 from .helpers import bert_classifier, run_cli
 

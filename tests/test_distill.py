@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from tdkd_cli import mpo, ops, recipe, tensorize, train
-from tdkd_cli.errors import UsageError
 
 from .helpers import (NEG, NEU, POS, bert_classifier, digits_folder, run_cli, sentiment_task, tiny_pair, tiny_vit_dir,
                       wordpiece_tokenizer)

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from tdkd_cli import checkpoint, models, ops, tensorize
-from tdkd_cli.cli import main
 
 from .helpers import bert_classifier, rel_fro, vit_tiny, run_cli
 
