@@ -28,6 +28,7 @@ def build(width: int, layers: int, mpo_n: int | None, seed: int = 0):
     from transformers import BertConfig, BertForSequenceClassification
 
     from tdkd_cli import tensorize
+    from tdkd_cli.train import make_optimizer
 
     torch.manual_seed(seed)
     cfg = BertConfig(vocab_size=30522, hidden_size=width, num_hidden_layers=layers, num_attention_heads=12,
@@ -36,7 +37,7 @@ def build(width: int, layers: int, mpo_n: int | None, seed: int = 0):
     if mpo_n:
         names = tensorize.select_targets(model, tensorize.default_targets(model, "hf"))
         tensorize.tensorize(model, tensorize.plan_layers(model, names, mpo_n))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, foreach=False)
+    opt = make_optimizer([{"params": list(model.parameters())}], 1e-5)
     return model, opt
 
 
