@@ -66,7 +66,8 @@ def cmd_run(a) -> None:
     task, data = a.task, Path(a.glue) / TASK_DIRS[a.task]
     root = Path(a.out) / task
     root.mkdir(parents=True, exist_ok=True)
-    teacher_run, teacher = root / "teacher-run", root / "teacher"
+    troot = Path(a.teacher_root or a.out) / task
+    teacher_run, teacher = troot / "teacher-run", troot / "teacher"
     distill(teacher_run, f"{task}-teacher", "--data", str(data))
     if not (teacher / "config.json").is_file():
         tdkd("merge", str(teacher_run / "best"), "-o", str(teacher), "--force", "--json", capture=True)
@@ -95,8 +96,9 @@ def cmd_table(a) -> None:
         root = Path(a.out) / task
         if not root.is_dir():
             continue
-        t_eval = root / "teacher-run" / "eval-merged.json"
-        t_sum = root / "teacher-run" / "summary.json"
+        troot = Path(a.teacher_root or a.out) / task
+        t_eval = troot / "teacher-run" / "eval-merged.json"
+        t_sum = troot / "teacher-run" / "summary.json"
         metric = "accuracy"
         lines.append(f"\n### {TASK_DIRS[task]} (dev {metric}, %)\n")
         if t_eval.is_file():
@@ -127,7 +129,17 @@ def cmd_table(a) -> None:
             per = ", ".join(f"{100 * x:.2f}" for x in accs)
             lines.append(f"| {ARM_NAMES[arm]} | {','.join(seeds)} | {_mean_std(accs)} | {per} | {'yes' if match else 'NO'} | "
                          f"{p_train:,} | {p_inf:,} | {statistics.mean(s_step):.3f} |")
-    lines.append(f"\nMachine: {platform.machine()}, {platform.processor() or 'cpu'}, Python {platform.python_version()}.")
+    cpu = platform.processor() or "cpu"
+    try:
+        cpu = next(x.split(":", 1)[1].strip() for x in open("/proc/cpuinfo") if x.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    import os
+
+    import torch
+
+    lines.append(f"\nMachine of these figures: {cpu}, {os.cpu_count()} cores visible, torch {torch.__version__} "
+                 f"with {torch.get_num_threads()} threads, Python {platform.python_version()}.")
     print("\n".join(lines))
 
 
@@ -140,11 +152,13 @@ def main() -> None:
     r.add_argument("--out", default="runs/exp")
     r.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     r.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    r.add_argument("--teacher-root", default=None, help="reuse the teachers under this --out of an earlier run")
     r.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="further tdkd distill options for the arms")
     t = sub.add_parser("table")
     t.add_argument("--out", default="runs/exp")
     t.add_argument("--tasks", nargs="+", default=list(TASK_DIRS))
     t.add_argument("--arms", nargs="+", default=list(ARMS))
+    t.add_argument("--teacher-root", default=None)
     a = ap.parse_args()
     cmd_run(a) if a.cmd == "run" else cmd_table(a)
 

@@ -184,7 +184,7 @@ class _DistillReporter:
         self.bar = self.progress.add_task("", total=total, completed=start_step)
 
     def step(self, step: int, total: int, rec: dict) -> None:
-        parts = [f"loss {rec['loss']:.4f}"] + [f"{k} {rec[k]:.4f}" for k in ("kd", "ce", "hidden", "attention", "tensor") if rec[k]]
+        parts = [f"loss {rec['loss']:.4g}"] + [f"{k} {rec[k]:.4g}" for k in ("kd", "ce", "hidden", "attention", "tensor") if rec[k]]
         text = " ".join(parts) + f" | {rec['examples_per_s']:.1f} ex/s"
         if self.progress is not None:
             self.progress.update(self.bar, completed=step, description=text)
@@ -378,7 +378,8 @@ def eval_(
         return
     from rich.table import Table
 
-    t = Table(title=f"eval {model} on {report['task']} ({report['split']}, {report['examples']} examples)")
+    title = f"eval {model} on {report['task']} ({report['split']}, {report['examples']} examples)"
+    t = Table(title=title, min_width=min(len(title), 120))
     t.add_column("metric")
     t.add_column("value", justify="right")
     for k, v in report["metrics"].items():
