@@ -107,12 +107,12 @@ def cmd_table(a) -> None:
             lines.append(f"Teacher (MiniLM-L6 fine-tuned, {ts['params_inference']:,} parameters): "
                          f"**{100 * te['metrics'][metric]:.2f}** on {te['examples']} dev examples, "
                          f"{ts['steps']} steps at {ts['seconds_per_step']:.3f} s/step.\n")
-        lines.append("| arm | seeds | dev accuracy (mean ± sd) | per seed | best during training = merged eval | "
-                     "params training | params inference | s/step |")
-        lines.append("|---|---|---|---|---|---|---|---|")
+        lines.append("| arm | seeds | best-checkpoint dev acc. (mean ± sd) | per seed | = merged `tdkd eval` | "
+                     "final-step dev acc. (mean ± sd) | params training | params inference | s/step |")
+        lines.append("|---|---|---|---|---|---|---|---|---|")
         for arm in a.arms:
             runs = sorted(root.glob(f"{arm}-s*[0-9]"))
-            accs, match, s_step, p_train, p_inf, seeds = [], True, [], None, None, []
+            accs, match, s_step, p_train, p_inf, seeds, finals = [], True, [], None, None, [], []
             for run in runs:
                 ev, sm = run / "eval-merged.json", run / "summary.json"
                 if not (ev.is_file() and sm.is_file()):
@@ -123,12 +123,13 @@ def cmd_table(a) -> None:
                 seeds.append(run.name.split("-s")[-1])
                 match &= math.isclose(acc, s["best"]["value"], abs_tol=1e-9)
                 s_step.append(s["seconds_per_step"])
+                finals.append(s["final_metrics"][metric])
                 p_train, p_inf = s["params_training"], s["params_inference"]
             if not accs:
                 continue
             per = ", ".join(f"{100 * x:.2f}" for x in accs)
             lines.append(f"| {ARM_NAMES[arm]} | {','.join(seeds)} | {_mean_std(accs)} | {per} | {'yes' if match else 'NO'} | "
-                         f"{p_train:,} | {p_inf:,} | {statistics.mean(s_step):.3f} |")
+                         f"{_mean_std(finals)} | {p_train:,} | {p_inf:,} | {statistics.mean(s_step):.3f} |")
     cpu = platform.processor() or "cpu"
     try:
         cpu = next(x.split(":", 1)[1].strip() for x in open("/proc/cpuinfo") if x.startswith("model name"))

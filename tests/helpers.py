@@ -3,12 +3,14 @@
 import torch
 
 
-def bert_classifier(tmp_path, hidden=768, layers=2, heads=12, ffn=3072, vocab=1000, labels=2, name="bert", init_range=0.02):
+def bert_classifier(tmp_path, hidden=768, layers=2, heads=12, ffn=3072, vocab=1000, labels=2, name="bert", init_range=0.02,
+                    dropout=0.1):
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(0)
     cfg = BertConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                     intermediate_size=ffn, max_position_embeddings=64, num_labels=labels, initializer_range=init_range)
+                     intermediate_size=ffn, max_position_embeddings=64, num_labels=labels, initializer_range=init_range,
+                     hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
     model = BertForSequenceClassification(cfg).eval()
     path = tmp_path / name
     model.save_pretrained(path)
@@ -76,10 +78,11 @@ def sentiment_task(root, n_train=192, n_dev=48, seed=0, name="SST-2"):
     return task
 
 
-def tiny_pair(root, hidden=32, teacher_layers=4, heads=4, ffn=64):
+def tiny_pair(root, hidden=32, teacher_layers=4, heads=4, ffn=64, dropout=0.1, name="teacher"):
     """A tiny teacher (HF directory with tokenizer) on the sentiment vocabulary."""
     words = set(POS + NEG + NEU)
-    _, tdir = bert_classifier(root, hidden=hidden, layers=teacher_layers, heads=heads, ffn=ffn, vocab=40, name="teacher")
+    _, tdir = bert_classifier(root, hidden=hidden, layers=teacher_layers, heads=heads, ffn=ffn, vocab=40, name=name,
+                              dropout=dropout)
     wordpiece_tokenizer(tdir, words)
     return tdir
 

@@ -311,15 +311,29 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(setup, tmp_path, capsys):
 
 
 def test_two_process_torchrun_on_cpu(setup, tmp_path):
-    d, task, teacher = setup
+    """2 processes x 1 micro-batch of 8 == 1 process x 2 micro-batches of 8 (same batches, no dropout):
+    gradients are averaged across processes exactly as accumulation averages them."""
+    d, task, _ = setup
+    teacher = tiny_pair(tmp_path, dropout=0.0)
     run = tmp_path / "ddp"
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     torchrun = Path(sys.executable).parent / "torchrun"
-    cmd = [str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "tdkd_cli", "distill", "--data", str(task),
-           "--teacher", str(teacher), "--student-layers", "0,1", "--mpo-n", "3", "--tensor-lambda", "1e-3",
-           "--batch-size", "8", "--max-steps", "4", "--save-every", "2", "--device", "cpu", "-o", str(run), "--json"]
+    common = ["--data", str(task), "--teacher", str(teacher), "--student-layers", "0,1", "--mpo-n", "3",
+              "--tensor-lambda", "1e-2", "--batch-size", "8", "--max-steps", "4", "--save-every", "2", "--lr", "3e-3",
+              "--device", "cpu", "--json"]
+    cmd = [str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "tdkd_cli", "distill", *common, "-o", str(run)]
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
+    single = tmp_path / "single"
+    p1 = subprocess.run([sys.executable, "-m", "tdkd_cli", "distill", *common, "--grad-accum", "2", "-o", str(single)],
+                        capture_output=True, text=True, env=env, timeout=300)
+    assert p1.returncode == 0, p1.stderr[-3000:]
+    a, b = tensors(run / "checkpoints" / "step-0000004"), tensors(single / "checkpoints" / "step-0000004")
+    assert a.keys() == b.keys()
+    moved = tensors(run / "checkpoints" / "step-0000002")
+    assert any(not torch.equal(a[k], moved[k]) for k in a)
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6), k
     assert json.loads(p.stdout)["world_size"] == 2
     kept = train.checkpoint_dirs(run)
     assert [c.name for c in kept] == ["step-0000002", "step-0000004"]
