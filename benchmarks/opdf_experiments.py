@@ -86,8 +86,9 @@ def _mean_std(xs):
     if not xs:
         return "-"
     m = statistics.mean(xs)
-    s = statistics.stdev(xs) if len(xs) > 1 else 0.0
-    return f"{100 * m:.2f} ± {100 * s:.2f}"
+    if len(xs) == 1:
+        return f"{100 * m:.2f} (1 seed)"
+    return f"{100 * m:.2f} ± {100 * statistics.stdev(xs):.2f}"
 
 
 def cmd_table(a) -> None:
