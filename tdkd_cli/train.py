@@ -362,7 +362,6 @@ def evaluate(model, family: str, ds: Dataset, device: str, batch_size: int, enco
 
     was_training = model.training
     model.eval()
-    preds, scores = [], []
     with torch.no_grad(), tensorize.RebuiltWeights(model, grad=False):
         if ds.kind == "text":
             order = sorted(range(len(encoded_dev)), key=lambda i: len(encoded_dev.input_ids[i]))
@@ -381,14 +380,7 @@ def evaluate(model, family: str, ds: Dataset, device: str, batch_size: int, enco
                 preds = logits.argmax(-1).tolist()
             metrics = ev.compute_metrics(ds.task.metrics, preds, labels)
         else:
-            from .models import image_input_size
-
-            cfg = getattr(model, "pretrained_cfg", None) or {}
-            for s in range(0, len(ds.dev), batch_size):
-                x = data_mod.image_tensor(ds.dev.files[s:s + batch_size], image_input_size(model)[1:],
-                                          cfg.get("mean", (0.485, 0.456, 0.406)), cfg.get("std", (0.229, 0.224, 0.225)))
-                scores.append(model(x.to(device)).float().cpu())
-            sc = torch.cat(scores)
+            sc = ev.predict_images(model, ds.dev.files, batch_size, device)
             metrics = ev.compute_metrics(["top1", "top5"], sc.argmax(-1).tolist(), ds.dev.labels, sc.numpy())
     model.train(was_training)
     return metrics
