@@ -39,6 +39,24 @@ def teacher_layer(i: int, student_layers: int, teacher_layers: int) -> int:
     return math.ceil((i + 1) * teacher_layers / student_layers) - 1
 
 
+def layer_map(spec: str | None, student_layers: int, teacher_layers: int) -> list[int]:
+    """Teacher layer paired with each student layer by the layer-wise losses (hidden states,
+    attention maps, tensor constraint). ``spec``: None or 'uniform' (``teacher_layer``), or a
+    comma-separated list with one teacher layer per student layer, e.g. '0,1,2'."""
+    if spec is None or str(spec).strip().lower() == "uniform":
+        return [teacher_layer(i, student_layers, teacher_layers) for i in range(student_layers)]
+    parts = [x.strip() for x in str(spec).split(",")]
+    if not all(re.fullmatch(r"\d+", x) for x in parts):
+        raise UsageError(f"layer_map '{spec}': expected 'uniform' or teacher layer numbers like 0,1,2")
+    out = [int(x) for x in parts]
+    if len(out) != student_layers:
+        raise UsageError(f"layer_map '{spec}' names {len(out)} teacher layers but the student has {student_layers} layers")
+    bad = [x for x in out if x >= teacher_layers]
+    if bad:
+        raise UsageError(f"layer_map '{spec}': the teacher has layers 0..{teacher_layers - 1} (got {bad[0]})")
+    return out
+
+
 def hidden_mse(student_hidden: Sequence[torch.Tensor], teacher_hidden: Sequence[torch.Tensor],
                layer_map: Sequence[tuple[int, int]], projection: torch.nn.Module | None = None,
                mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -86,17 +104,26 @@ class AlignedPair:
 _LAYER_RE = re.compile(r"(?P<pre>.*\blayer\.|.*\bblocks\.)(?P<idx>\d+)(?P<post>\..*)")
 
 
+def partner_name(student_name: str, lmap: Sequence[int]) -> str | None:
+    """Name of the teacher module that pairs with a student module under the layer map ``lmap``
+    (``layer_map``): same module in teacher layer lmap[i]. None outside the encoder layers."""
+    m = _LAYER_RE.fullmatch(student_name)
+    if m is None or int(m["idx"]) >= len(lmap):
+        return None
+    return f"{m['pre']}{lmap[int(m['idx'])]}{m['post']}"
+
+
 def pair_layers(student_shapes: dict[str, list[tuple[int, ...]]], teacher_shapes: dict[str, list[tuple[int, ...]]],
-                student_layers: int, teacher_layers: int) -> list[AlignedPair]:
+                lmap: Sequence[int]) -> list[AlignedPair]:
     """Match each decomposed student matrix to the teacher matrix of the same type in layer
-    g(i) = ceil((i+1) L_T / L_S) - 1, and list which auxiliary cores (all but the central one)
-    have identical shapes and so can be aligned. ``*_shapes``: module name -> core shapes."""
+    lmap[i] (by default g(i) = ceil((i+1) L_T / L_S) - 1, see ``layer_map``), and list which
+    auxiliary cores (all but the central one) have identical shapes and so can be aligned.
+    ``*_shapes``: module name -> core shapes."""
     pairs = []
     for name, s_shapes in student_shapes.items():
-        m = _LAYER_RE.fullmatch(name)
-        if m is None:
+        t_name = partner_name(name, lmap)
+        if t_name is None:
             continue
-        t_name = f"{m['pre']}{teacher_layer(int(m['idx']), student_layers, teacher_layers)}{m['post']}"
         t_shapes = teacher_shapes.get(t_name)
         if t_shapes is None or len(t_shapes) != len(s_shapes):
             continue

@@ -44,7 +44,8 @@ SCHEMA: dict[str, tuple[str, Any, str]] = {
     # losses
     "alpha": ("float", 1.0, "Weight of logit KD; cross-entropy on labels gets 1 - alpha (ignored without a teacher)."),
     "temperature": ("float", 1.0, "KD temperature T (the loss carries the T^2 factor)."),
-    "hidden_weight": ("float", 0.0, "Weight of the hidden-state MSE (student layer i vs teacher layer ceil((i+1)L_T/L_S)-1)."),
+    "layer_map": ("str", None, "Teacher layer paired with each student layer by the hidden, attention and tensor-constraint losses, e.g. '0,1,2' (default 'uniform': teacher layer ceil((i+1)L_T/L_S)-1)."),
+    "hidden_weight": ("float", 0.0, "Weight of the hidden-state MSE (student layer i vs its layer_map partner)."),
     "attention_weight": ("float", 0.0, "Weight of the attention-map MSE (same layer map; heads must match)."),
     "tensor_lambda": ("float", 0.0, "Weight lambda of the OPDF tensor constraint loss on the auxiliary cores."),
     # optimisation

@@ -228,7 +228,20 @@ def check_vocab(teacher: models.Loaded, student: models.Loaded) -> None:
                                  "KD on text needs one tokenizer for both")
 
 
-def _decompose_student(student: models.Loaded, teacher: models.Loaded | None, r: dict, reporter: Reporter) -> None:
+def _layer_map(spec: str | None, student: nn.Module, teacher: nn.Module) -> list[int] | None:
+    """Teacher layer per student layer (losses.layer_map); None for models without a layer stack
+    (e.g. CNNs), which then get logit KD only, unless a layer map was asked for."""
+    try:
+        ls, lt = models.num_layers(student), models.num_layers(teacher)
+    except UsageError:
+        if spec:
+            raise
+        return None
+    return losses.layer_map(spec, ls, lt)
+
+
+def _decompose_student(student: models.Loaded, teacher: models.Loaded | None, r: dict, reporter: Reporter,
+                       lmap: list[int] | None = None) -> None:
     """Tensorize a dense student in place, planning factor shapes that align with the teacher."""
     model = student.model
     patterns = r["targets"] or list(tensorize.default_targets(model, student.family))
@@ -236,11 +249,10 @@ def _decompose_student(student: models.Loaded, teacher: models.Loaded | None, r:
     explicit = ops.parse_shapes(r["shapes"] or [])
     n = r["n"]
     plans = tensorize.plan_layers(model, names, n, explicit)
-    if teacher is not None and not explicit:
+    if teacher is not None and not explicit and lmap is not None:
         t_mods = dict(teacher.model.named_modules())
-        ls, lt = models.num_layers(model), models.num_layers(teacher.model)
         for p in plans:
-            t_name = partner_name(p.name, ls, lt)
+            t_name = losses.partner_name(p.name, lmap)
             t_mod = t_mods.get(t_name) if t_name else None
             if isinstance(t_mod, nn.Linear):
                 (so, si), _ = mpo.align_plans((p.out_features, p.in_features), tuple(t_mod.weight.shape), n)
@@ -250,26 +262,22 @@ def _decompose_student(student: models.Loaded, teacher: models.Loaded | None, r:
     reporter.info(f"student decomposed on the fly: {len(plans)} matrices, n={n}")
 
 
-def partner_name(student_name: str, student_layers: int, teacher_layers: int) -> str | None:
-    m = losses._LAYER_RE.fullmatch(student_name)
-    if m is None:
-        return None
-    return f"{m['pre']}{losses.teacher_layer(int(m['idx']), student_layers, teacher_layers)}{m['post']}"
-
-
-def teacher_cores(student: nn.Module, teacher: nn.Module, reporter: Reporter) -> tuple[dict, list[losses.AlignedPair]]:
+def teacher_cores(student: nn.Module, teacher: nn.Module, reporter: Reporter,
+                  lmap: list[int] | None = None) -> tuple[dict, list[losses.AlignedPair]]:
     """Decompose the teacher's partner matrices once with factor shapes matched to the student's,
-    and pair their auxiliary cores. Returns (teacher cores by teacher module name, pairs)."""
+    and pair their auxiliary cores; ``lmap`` pairs layers (default: the uniform map).
+    Returns (teacher cores by teacher module name, pairs)."""
     s_mods = tensorize.mpo_modules(student)
     if not s_mods:
         raise UsageError("tensor_lambda > 0 needs an MPO student (mpo: true, or a decompose output)")
     t_mods = dict(teacher.named_modules())
-    ls, lt = models.num_layers(student), models.num_layers(teacher)
+    if lmap is None:
+        lmap = losses.layer_map(None, models.num_layers(student), models.num_layers(teacher))
     s_shapes, t_shapes, t_cores = {}, {}, {}
     for name, mod in s_mods.items():
         plan = tensorize.layer_plan(mod)
         s_shapes[name] = [tuple(c.shape) for c in tensorize.layer_cores(mod)]
-        t_name = partner_name(name, ls, lt)
+        t_name = losses.partner_name(name, lmap)
         t_mod = t_mods.get(t_name) if t_name else None
         if not isinstance(t_mod, nn.Linear) or t_name in t_cores:
             continue
@@ -278,7 +286,7 @@ def teacher_cores(student: nn.Module, teacher: nn.Module, reporter: Reporter) ->
         cores = mpo.decompose(t_mod.weight.detach(), to, ti)
         t_cores[t_name] = [c.detach().to(t_mod.weight.dtype) for c in cores]
         t_shapes[t_name] = [tuple(c.shape) for c in t_cores[t_name]]
-    pairs = losses.pair_layers(s_shapes, t_shapes, ls, lt)
+    pairs = losses.pair_layers(s_shapes, t_shapes, lmap)
     aligned = sum(len(p.cores) for p in pairs)
     skipped = sum(len(p.skipped) for p in pairs)
     if aligned == 0:
@@ -482,8 +490,8 @@ def run(r: dict, out: Path, *, resume: bool = False, force: bool = False, report
             raise UsageError(f"teacher {r['teacher']} has {t_out} outputs but the task has {ds.num_labels} labels")
         if tensorize.mpo_modules(teacher.model):
             tensorize.merge(teacher.model)
-    elif r["tensor_lambda"] > 0 or r["hidden_weight"] > 0 or r["attention_weight"] > 0:
-        raise UsageError("hidden_weight, attention_weight and tensor_lambda need a teacher (teacher is 'none')")
+    elif r["tensor_lambda"] > 0 or r["hidden_weight"] > 0 or r["attention_weight"] > 0 or r["layer_map"]:
+        raise UsageError("hidden_weight, attention_weight, tensor_lambda and layer_map need a teacher (teacher is 'none')")
     student_spec = r["student"]
     if student_spec is None:
         if not r["student_layers"] or teacher is None:
@@ -496,8 +504,10 @@ def run(r: dict, out: Path, *, resume: bool = False, force: bool = False, report
             raise UsageError("--student-layers cuts a dense model; this student is already decomposed "
                              "(cut before decomposing: tdkd decompose --layers)")
         student = models.cut_layers(student, r["student_layers"])
+    lmap = None
     if teacher is not None:
         check_vocab(teacher, student)
+        lmap = _layer_map(r["layer_map"], student.model, teacher.model)
     if student.family == "timm" and (r["hidden_weight"] > 0 or r["attention_weight"] > 0):
         raise UsageError("hidden_weight and attention_weight work with Hugging Face text models; for timm models use logit KD "
                          "and the tensor constraint")
@@ -510,7 +520,7 @@ def run(r: dict, out: Path, *, resume: bool = False, force: bool = False, report
         tensorize.merge(student.model)
         reporter.info("student cores contracted: mpo is false, training the dense student")
     elif r["mpo"] and not is_mpo:
-        _decompose_student(student, teacher, r, reporter)
+        _decompose_student(student, teacher, r, reporter, lmap)
     model = student.model
     if r["attention_weight"] > 0:
         for m in (model, teacher.model):
@@ -518,7 +528,7 @@ def run(r: dict, out: Path, *, resume: bool = False, force: bool = False, report
                 m.set_attn_implementation("eager")
     t_cores, pairs = ({}, [])
     if teacher is not None and r["tensor_lambda"] > 0:
-        t_cores, pairs = teacher_cores(model, teacher.model, reporter)
+        t_cores, pairs = teacher_cores(model, teacher.model, reporter, lmap)
         t_cores = {k: [c.to(device) for c in v] for k, v in t_cores.items()}
 
     # data -------------------------------------------------------------------------------------
@@ -617,6 +627,7 @@ def run(r: dict, out: Path, *, resume: bool = False, force: bool = False, report
         run_json = json.dumps({
             "format": "tdkd-run", "tdkd_version": __version__, "world_size": dist.world, "device": device,
             "argv": argv, "status": "running", "total_steps": total, "data": str(data_path),
+            "layer_map": lmap,
             "tensor_constraint": [{"student": p.student, "teacher": p.teacher, "aligned_cores": list(p.cores),
                                    "skipped_cores": list(p.skipped)} for p in pairs],
         }, indent=1) + "\n"
@@ -656,6 +667,7 @@ def run(r: dict, out: Path, *, resume: bool = False, force: bool = False, report
                 pass
 
     need_hidden, need_attn = r["hidden_weight"] > 0, r["attention_weight"] > 0
+    pair_map = list(enumerate(lmap or []))  # (student layer, teacher layer) for hidden/attention losses
     use_teacher_logits = teacher is not None and r["alpha"] > 0
     ce_weight = 1.0 if teacher is None else 1.0 - r["alpha"]
     window: list[torch.Tensor] = []
@@ -711,15 +723,12 @@ def run(r: dict, out: Path, *, resume: bool = False, force: bool = False, report
                             ce = losses.ce_loss(logits, batch["labels"])
                             loss = loss + ce_weight * ce
                             terms[2] += float(ce.detach()) / r["grad_accum"]
-                        if need_hidden or need_attn:
-                            ls, lt = len(s_hid or s_att) - (1 if s_hid else 0), len(t_hid or t_att) - (1 if t_hid else 0)
-                            lmap = [(i, losses.teacher_layer(i, ls, lt)) for i in range(ls)]
                         if need_hidden:
-                            hid = losses.hidden_mse(s_hid[1:], t_hid[1:], lmap, projection, batch.get("attention_mask"))
+                            hid = losses.hidden_mse(s_hid[1:], t_hid[1:], pair_map, projection, batch.get("attention_mask"))
                             loss = loss + r["hidden_weight"] * hid
                             terms[3] += float(hid.detach()) / r["grad_accum"]
                         if need_attn:
-                            att = losses.attention_mse(s_att, t_att, lmap)
+                            att = losses.attention_mse(s_att, t_att, pair_map)
                             loss = loss + r["attention_weight"] * att
                             terms[4] += float(att.detach()) / r["grad_accum"]
                         terms[0] += float(loss.detach()) / r["grad_accum"]

@@ -199,6 +199,29 @@ def test_tensor_constraint_moves_student_cores_towards_teacher(setup, capsys):
     assert dist["10"] < dist["0"]
 
 
+def test_layer_map_chooses_the_constraint_partners(setup, capsys):
+    """A student cut from teacher layers 0,1 and paired with them (--layer-map 0,1) starts with its
+    auxiliary cores equal to its partners' (constraint 0 before the first update); the uniform map
+    pairs it with teacher layers 1,3 instead (constraint > 0). The run records the map."""
+    d, task, teacher = setup
+    first = {}
+    for name, extra in (("same", ["--layer-map", "0,1"]), ("uniform", [])):
+        run = d / f"lmap-{name}"
+        rc, out, err = run_cli(base_args(task, run, "--teacher", str(teacher), "--student-layers", "0,1", "--n", "3",
+                                         "--tensor-lambda", "1", "--max-steps", "1", "--log-every", "1",
+                                         "--dev-split", "none", "--json", *extra), capsys)
+        assert rc == 0, err
+        first[name] = metrics(run)[0]["tensor"]
+        info = json.loads((run / "run.json").read_text())
+        assert info["layer_map"] == ([0, 1] if name == "same" else [1, 3])
+        partners = {p["teacher"].split(".layer.")[1].split(".")[0] for p in info["tensor_constraint"]}
+        assert partners == ({"0", "1"} if name == "same" else {"1", "3"})
+    assert first["same"] < 1e-9 < 1e-4 < first["uniform"]
+    rc, _, err = run_cli(base_args(task, d / "lmap-bad", "--teacher", str(teacher), "--student-layers", "0,1",
+                                   "--layer-map", "0,4", "--max-steps", "1"), capsys)
+    assert rc == 2 and "layer_map '0,4': the teacher has layers 0..3 (got 4)" in err and not (d / "lmap-bad").exists()
+
+
 # ---------------------------------------------------------------------------------------------
 # recipes
 def test_builtin_recipes_validate_and_list(capsys):

@@ -1,11 +1,13 @@
 """Each loss term against a hand computation on fixed tensors; the tensor constraint's gradients."""
 
 import math
+import re
 
 import pytest
 import torch
 
 from tdkd_cli import losses, mpo
+from tdkd_cli.errors import UsageError
 
 
 def test_kd_loss_by_hand():
@@ -33,6 +35,22 @@ def test_teacher_layer_map():
     assert [losses.teacher_layer(i, 6, 12) for i in range(6)] == [1, 3, 5, 7, 9, 11]
     assert [losses.teacher_layer(i, 3, 6) for i in range(3)] == [1, 3, 5]
     assert [losses.teacher_layer(i, 4, 12) for i in range(4)] == [2, 5, 8, 11]
+    assert losses.layer_map(None, 4, 12) == losses.layer_map("uniform", 4, 12) == [2, 5, 8, 11]
+    assert losses.layer_map(" 0, 1,2 ", 3, 6) == [0, 1, 2]
+    assert losses.layer_map("5,5,5", 3, 6) == [5, 5, 5]  # several student layers may share a partner
+    for bad, msg in (("0,1", "names 2 teacher layers but the student has 3"), ("0,1,6", "layers 0..5 (got 6)"),
+                     ("0,-1,2", "expected 'uniform'"), ("a,b,c", "expected 'uniform'")):
+        with pytest.raises(UsageError, match=re.escape(msg)):
+            losses.layer_map(bad, 3, 6)
+
+
+def test_explicit_layer_map_pairs_those_layers():
+    shapes = [(1, 2, 2, 4), (4, 2, 2, 1)]
+    pairs = losses.pair_layers({f"enc.layer.{i}.q": shapes for i in range(3)},
+                               {f"enc.layer.{i}.q": shapes for i in range(6)}, [0, 1, 2])
+    assert [(p.student, p.teacher) for p in pairs] == [(f"enc.layer.{i}.q", f"enc.layer.{i}.q") for i in range(3)]
+    assert losses.partner_name("enc.layer.1.q", [4, 2, 0]) == "enc.layer.2.q"
+    assert losses.partner_name("enc.embeddings.word", [4, 2, 0]) is None
 
 
 def test_hidden_and_attention_mse_by_hand():
@@ -74,7 +92,7 @@ def test_tensor_constraint_by_hand_and_gradients():
     student = {"enc.layer.0.q": _cores(*shapes, 0, True), "enc.layer.1.q": _cores(*shapes, 1, True)}
     teacher = {f"enc.layer.{i}.q": [torch.nn.Parameter(c) for c in _cores(*shapes, 10 + i, False)] for i in range(4)}
     pairs = losses.pair_layers({k: [c.shape for c in v] for k, v in student.items()},
-                               {k: [c.shape for c in v] for k, v in teacher.items()}, 2, 4)
+                               {k: [c.shape for c in v] for k, v in teacher.items()}, losses.layer_map(None, 2, 4))
     assert [(p.student, p.teacher, p.cores) for p in pairs] == [("enc.layer.0.q", "enc.layer.1.q", (0, 1, 3, 4)),
                                                               ("enc.layer.1.q", "enc.layer.3.q", (0, 1, 3, 4))]
     loss = losses.tensor_constraint_loss(student, teacher, pairs)
@@ -96,7 +114,7 @@ def test_different_widths_align_only_matching_cores():
     # student 312 wide, teacher 768 wide, trailing factors chosen equal: (.., 12) x (.., 12)
     s_shapes = [tuple(c.shape) for c in _cores((26, 1, 12), (26, 1, 12), 0, False)]
     t_shapes = [tuple(c.shape) for c in _cores((64, 1, 12), (64, 1, 12), 0, False)]
-    pairs = losses.pair_layers({"layer.0.q": s_shapes}, {"layer.1.q": t_shapes}, 1, 2)
+    pairs = losses.pair_layers({"layer.0.q": s_shapes}, {"layer.1.q": t_shapes}, losses.layer_map(None, 1, 2))
     assert pairs[0].cores == (2,) and pairs[0].skipped == (0,)
     with pytest.raises(Exception):
         losses.tensor_constraint_loss({"layer.0.q": []}, {"layer.1.q": []},
