@@ -2,6 +2,8 @@
 
     python benchmarks/opdf_experiments.py run --task sst2 --glue ../shared/data/glue --seeds 1 2 3
     python benchmarks/opdf_experiments.py table            # prints the markdown table
+    python benchmarks/opdf_experiments.py attempts --task sst2 --variants runs/exp-mpolr ...
+                                                           # variants against the main grid
 
 For a task: fine-tune the teacher (recipes/<task>-teacher.yaml) and merge it; then for each seed and
 arm a (fine-tune), b (KD), c (KD + MPO), d (OPDF: KD + MPO + tensor constraint) run
@@ -145,6 +147,76 @@ def cmd_table(a) -> None:
     print("\n".join(lines))
 
 
+def _run_record(run: Path) -> dict | None:
+    """Scores of one finished arm run: best (merged eval), final step, first evaluation, recipe."""
+    ev, sm = run / "eval-merged.json", run / "summary.json"
+    if not (ev.is_file() and sm.is_file()):
+        return None
+    import yaml
+
+    e, s = json.loads(ev.read_text()), json.loads(sm.read_text())
+    evals = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"eval"' in x]
+    return {"best": e["metrics"]["accuracy"], "final": s["final_metrics"]["accuracy"],
+            "first": (evals[0]["step"], evals[0]["eval"]["accuracy"]) if evals else None,
+            "recipe": yaml.safe_load((run / "recipe.yaml").read_text())}
+
+
+def _runs(root: Path, arm: str) -> dict[str, dict]:
+    out = {}
+    for run in sorted(root.glob(f"{arm}-s*[0-9]")):
+        rec = _run_record(run)
+        if rec is not None:
+            out[run.name.split("-s")[-1]] = rec
+    return out
+
+
+def _changes(recipe: dict, base: dict) -> str:
+    """Recipe keys that differ from the main grid's run of the same arm and seed."""
+    keys = sorted((set(recipe) | set(base)) - {"seed", "description"})
+    diff = [f"{k}: {recipe.get(k)}" for k in keys if recipe.get(k) != base.get(k)]
+    return ", ".join(diff) or "none"
+
+
+def cmd_attempts(a) -> None:
+    """One row per (variant directory, arm): scores next to the main grid's, and the paired
+    per-seed difference (same seed = same data order and dropout) against arm --against."""
+    base = Path(a.base) / a.task
+    lines = [f"| attempt (changes vs main grid) | arm | seeds | best dev acc. (mean ± sd) | per seed | final-step (mean ± sd) | "
+             f"dev acc. at first eval | best - {a.against} same seeds (mean ± sd) |",
+             "|---|---|---|---|---|---|---|---|"]
+
+    def row(label, arm, recs):
+        seeds = sorted(recs)
+        best = [recs[k]["best"] for k in seeds]
+        ref = _runs(base, a.against)
+        paired = [recs[k]["best"] - ref[k]["best"] for k in seeds if k in ref]
+        firsts = [recs[k]["first"] for k in seeds if recs[k]["first"]]
+        first = (f"{100 * statistics.mean(x[1] for x in firsts):.1f} (step {firsts[0][0]})" if firsts else "-")
+        lines.append(f"| {label} | {arm} | {','.join(seeds)} | {_mean_std(best)} | {', '.join(f'{100 * x:.2f}' for x in best)} | "
+                     f"{_mean_std([recs[k]['final'] for k in seeds])} | {first} | "
+                     f"{_signed(paired) if paired else '-'} |")
+
+    for arm in ARMS:
+        recs = _runs(base, arm)
+        if recs:
+            row(f"main grid ({a.base})", arm, recs)
+    for v in a.variants:
+        for arm in ARMS:
+            recs = _runs(Path(v) / a.task, arm)
+            if not recs:
+                continue
+            main = _runs(base, arm)
+            changes = {_changes(r["recipe"], main[k]["recipe"]) if k in main else "?" for k, r in recs.items()}
+            row(f"{' / '.join(sorted(changes))} ({v})", arm, recs)
+    print("\n".join(lines))
+
+
+def _signed(xs):
+    m = 100 * statistics.mean(xs)
+    sd = f" ± {100 * statistics.stdev(xs):.2f}" if len(xs) > 1 else " (1 seed)"
+    return f"{m:+.2f}{sd}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -161,8 +233,13 @@ def main() -> None:
     t.add_argument("--tasks", nargs="+", default=list(TASK_DIRS))
     t.add_argument("--arms", nargs="+", default=list(ARMS))
     t.add_argument("--teacher-root", default=None)
+    v = sub.add_parser("attempts")
+    v.add_argument("--task", choices=list(TASK_DIRS), required=True)
+    v.add_argument("--base", default="runs/exp", help="--out of the main grid")
+    v.add_argument("--variants", nargs="+", default=[], help="--out directories of variant runs")
+    v.add_argument("--against", default="b", choices=list(ARMS), help="arm of the main grid to pair with")
     a = ap.parse_args()
-    cmd_run(a) if a.cmd == "run" else cmd_table(a)
+    {"run": cmd_run, "table": cmd_table, "attempts": cmd_attempts}[a.cmd](a)
 
 
 if __name__ == "__main__":
