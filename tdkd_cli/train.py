@@ -609,6 +609,7 @@ def run(r: dict, out: Path, *, resume: bool = False, force: bool = False, report
 
     # resume ------------------------------------------------------------------------------------
     start_step, best = 0, {"metric": ds.metric, "value": None, "step": None}
+    prior_seconds, last_metrics = 0.0, {}  # training time and last evaluation of earlier invocations (resume)
     if resume:
         found = latest_complete(out, reporter.info)
         if found is not None:
@@ -617,6 +618,7 @@ def run(r: dict, out: Path, *, resume: bool = False, force: bool = False, report
                 raise UsageError(f"{cdir} was written by {state.get('world_size')} processes; resume with the same number")
             _restore(cdir, state, model, optimizer, projection, dist, device)
             start_step, best = state["step"], state.get("best", best)
+            prior_seconds, last_metrics = float(state.get("train_seconds", 0.0)), dict(state.get("last_eval") or {})
             reporter.info(f"resuming from {cdir} (step {start_step} of {total})")
         else:
             reporter.info("no complete checkpoint yet: starting from step 0")
@@ -674,7 +676,6 @@ def run(r: dict, out: Path, *, resume: bool = False, force: bool = False, report
     term_names = ["loss", "kd", "ce", "hidden", "attention", "tensor", "grad_norm"]
     t_window, ex_window = time.perf_counter(), 0
     cached_epoch = (None, None)
-    last_metrics: dict = {}
     reporter.start(total, start_step)
     t_start = time.perf_counter()
 
@@ -683,7 +684,8 @@ def run(r: dict, out: Path, *, resume: bool = False, force: bool = False, report
         path = None
         if dist.main:
             path = _save_full(out, step, model, student, tok_dir, optimizer, projection, rng,
-                              dict(state_meta, step=step, best=best, epoch=step // steps_per_epoch), r)
+                              dict(state_meta, step=step, best=best, epoch=step // steps_per_epoch, last_eval=last_metrics,
+                                   train_seconds=round(prior_seconds + time.perf_counter() - t_start, 3)), r)
             for old in checkpoint_dirs(out)[:-r["keep_last"]]:
                 shutil.rmtree(old, ignore_errors=True)
         dist.barrier()
@@ -798,10 +800,10 @@ def run(r: dict, out: Path, *, resume: bool = False, force: bool = False, report
         runinfo["status"] = "finished"
         ckpt.atomic_write_text(out / RUN_FILE, json.dumps(runinfo, indent=1) + "\n")
     dist.barrier()
-    elapsed = time.perf_counter() - t_start
+    elapsed = prior_seconds + time.perf_counter() - t_start  # whole run: earlier invocations up to their checkpoint + this one
     return {"output": str(out), "steps": total, "best": best, "final_metrics": last_metrics,
             "train_seconds": round(elapsed, 2), "steps_run": total - start_step,
-            "seconds_per_step": round(elapsed / max(1, total - start_step), 4),
+            "seconds_per_step": round(elapsed / total, 4),
             "checkpoint": str(checkpoint_dirs(out)[-1]) if checkpoint_dirs(out) else None,
             "best_dir": str(out / "best"), "world_size": dist.world, "device": device, **info}
 

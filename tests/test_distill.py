@@ -136,7 +136,7 @@ def test_resume_from_mid_run_checkpoint_is_bitwise_identical(setup, capsys):
             "--hidden-weight", "0.5", "--max-steps", "12", "--save-every", "4", "--keep-last", "5", "--grad-accum", "2",
             "--batch-size", "8", "--eval-every", "6", "--json"]
     full = d / "full"
-    rc, _, err = run_cli(base_args(task, full, *args), capsys)
+    rc, full_out, err = run_cli(base_args(task, full, *args), capsys)
     assert rc == 0, err
     part = d / "part"
     rc, _, err = run_cli(base_args(task, part, *args), capsys)
@@ -149,6 +149,18 @@ def test_resume_from_mid_run_checkpoint_is_bitwise_identical(setup, capsys):
             shutil.rmtree(p)
     rc, out, err = run_cli(["distill", "-o", str(part), "--resume", "--json"], capsys)
     assert rc == 0, err
+    resumed = json.loads(out)
+    assert resumed["steps_run"] == 8 and resumed["final_metrics"] == json.loads(full_out)["final_metrics"] != {}
+    # time of steps 1-4 from the first invocation is carried over: whole-run seconds per step
+    state4 = json.loads((part / "checkpoints" / "step-0000004" / "trainer_state.json").read_text())
+    assert 0 < state4["train_seconds"] < resumed["train_seconds"]
+    assert resumed["seconds_per_step"] == pytest.approx(resumed["train_seconds"] / 12, abs=1e-3)
+    # resuming a finished run trains nothing and reports the finished run's figures, not zeros
+    rc, out, err = run_cli(["distill", "-o", str(part), "--resume", "--json"], capsys)
+    again = json.loads(out)
+    assert rc == 0 and again["steps_run"] == 0 and again["final_metrics"] == resumed["final_metrics"]
+    state12 = json.loads((part / "checkpoints" / "step-0000012" / "trainer_state.json").read_text())
+    assert again["train_seconds"] >= state12["train_seconds"] > state4["train_seconds"] and again["best"] == resumed["best"]
     a, b = tensors(full / "checkpoints" / "step-0000012"), tensors(part / "checkpoints" / "step-0000012")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     sa = tensors_state(full / "checkpoints" / "step-0000012")
