@@ -111,7 +111,7 @@ def cmd_table(a) -> None:
                          f"**{100 * te['metrics'][metric]:.2f}** on {te['examples']} dev examples, "
                          f"{ts['steps']} steps at {ts['seconds_per_step']:.3f} s/step.\n")
         lines.append("| arm | seeds | best-checkpoint dev acc. (mean ± sd) | per seed | = merged `tdkd eval` | "
-                     "final-step dev acc. (mean ± sd) | params training | params inference | s/step |")
+                     "final-step dev acc. (mean ± sd) | params training | params inference | s/step (median of seeds) |")
         lines.append("|---|---|---|---|---|---|---|---|---|")
         for arm in a.arms:
             runs = sorted(root.glob(f"{arm}-s*[0-9]"))
@@ -125,14 +125,15 @@ def cmd_table(a) -> None:
                 accs.append(acc)
                 seeds.append(run.name.split("-s")[-1])
                 match &= math.isclose(acc, s["best"]["value"], abs_tol=1e-9)
-                s_step.append(s["seconds_per_step"])
+                if s.get("seconds_per_step"):
+                    s_step.append(s["seconds_per_step"])
                 finals.append(s["final_metrics"][metric])
                 p_train, p_inf = s["params_training"], s["params_inference"]
             if not accs:
                 continue
             per = ", ".join(f"{100 * x:.2f}" for x in accs)
             lines.append(f"| {ARM_NAMES[arm]} | {','.join(seeds)} | {_mean_std(accs)} | {per} | {'yes' if match else 'NO'} | "
-                         f"{_mean_std(finals)} | {p_train:,} | {p_inf:,} | {statistics.mean(s_step):.3f} |")
+                         f"{_mean_std(finals)} | {p_train:,} | {p_inf:,} | {f'{statistics.median(s_step):.3f}' if s_step else '-'} |")
     cpu = platform.processor() or "cpu"
     try:
         cpu = next(x.split(":", 1)[1].strip() for x in open("/proc/cpuinfo") if x.startswith("model name"))

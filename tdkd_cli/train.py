@@ -609,7 +609,7 @@ def run(r: dict, out: Path, *, resume: bool = False, force: bool = False, report
 
     # resume ------------------------------------------------------------------------------------
     start_step, best = 0, {"metric": ds.metric, "value": None, "step": None}
-    prior_seconds, last_metrics = 0.0, {}  # training time and last evaluation of earlier invocations (resume)
+    prior_seconds, prior_steps, last_metrics = 0.0, 0, {}  # time, timed steps and last evaluation of earlier invocations
     if resume:
         found = latest_complete(out, reporter.info)
         if found is not None:
@@ -619,6 +619,7 @@ def run(r: dict, out: Path, *, resume: bool = False, force: bool = False, report
             _restore(cdir, state, model, optimizer, projection, dist, device)
             start_step, best = state["step"], state.get("best", best)
             prior_seconds, last_metrics = float(state.get("train_seconds", 0.0)), dict(state.get("last_eval") or {})
+            prior_steps = int(state.get("timed_steps", 0))  # steps that prior_seconds covers (0: older checkpoint)
             reporter.info(f"resuming from {cdir} (step {start_step} of {total})")
         else:
             reporter.info("no complete checkpoint yet: starting from step 0")
@@ -685,7 +686,8 @@ def run(r: dict, out: Path, *, resume: bool = False, force: bool = False, report
         if dist.main:
             path = _save_full(out, step, model, student, tok_dir, optimizer, projection, rng,
                               dict(state_meta, step=step, best=best, epoch=step // steps_per_epoch, last_eval=last_metrics,
-                                   train_seconds=round(prior_seconds + time.perf_counter() - t_start, 3)), r)
+                                   train_seconds=round(prior_seconds + time.perf_counter() - t_start, 3),
+                                   timed_steps=prior_steps + step - start_step), r)
             for old in checkpoint_dirs(out)[:-r["keep_last"]]:
                 shutil.rmtree(old, ignore_errors=True)
         dist.barrier()
@@ -800,10 +802,11 @@ def run(r: dict, out: Path, *, resume: bool = False, force: bool = False, report
         runinfo["status"] = "finished"
         ckpt.atomic_write_text(out / RUN_FILE, json.dumps(runinfo, indent=1) + "\n")
     dist.barrier()
-    elapsed = prior_seconds + time.perf_counter() - t_start  # whole run: earlier invocations up to their checkpoint + this one
+    # whole run: earlier invocations up to their checkpoint + this one
+    elapsed, timed = prior_seconds + time.perf_counter() - t_start, prior_steps + total - start_step
     return {"output": str(out), "steps": total, "best": best, "final_metrics": last_metrics,
             "train_seconds": round(elapsed, 2), "steps_run": total - start_step,
-            "seconds_per_step": round(elapsed / total, 4),
+            "seconds_per_step": round(elapsed / timed, 4) if timed else None,
             "checkpoint": str(checkpoint_dirs(out)[-1]) if checkpoint_dirs(out) else None,
             "best_dir": str(out / "best"), "world_size": dist.world, "device": device, **info}
 

@@ -155,6 +155,7 @@ def test_resume_from_mid_run_checkpoint_is_bitwise_identical(setup, capsys):
     state4 = json.loads((part / "checkpoints" / "step-0000004" / "trainer_state.json").read_text())
     assert 0 < state4["train_seconds"] < resumed["train_seconds"]
     assert resumed["seconds_per_step"] == pytest.approx(resumed["train_seconds"] / 12, abs=1e-3)
+    assert state4["timed_steps"] == 4
     # resuming a finished run trains nothing and reports the finished run's figures, not zeros
     rc, out, err = run_cli(["distill", "-o", str(part), "--resume", "--json"], capsys)
     again = json.loads(out)
