@@ -238,7 +238,7 @@ def distill(
     shapes: Optional[List[str]] = typer.Option(None, "--shapes", help="Explicit factor shape DIM=F1,..; repeatable."),
     alpha: Optional[float] = typer.Option(None, "--alpha", help="KD weight; CE gets 1-alpha [1.0]."),
     temperature: Optional[float] = typer.Option(None, "--temperature", help="KD temperature T [1.0]."),
-    layer_map: Optional[str] = typer.Option(None, "--layer-map", help="Teacher layer per student layer for the hidden, attention and tensor losses, e.g. 0,1,2 [uniform: ceil((i+1)L_T/L_S)-1]."),
+    layer_map: Optional[str] = typer.Option(None, "--layer-map", help="Teacher layer per student layer for the hidden, attention and tensor losses, e.g. 0,1,2 (default uniform: ceil((i+1)L_T/L_S)-1)."),
     hidden_weight: Optional[float] = typer.Option(None, "--hidden-weight", help="Hidden-state MSE weight [0]."),
     attention_weight: Optional[float] = typer.Option(None, "--attention-weight", help="Attention-map MSE weight [0]."),
     tensor_lambda: Optional[float] = typer.Option(None, "--tensor-lambda", help="OPDF tensor constraint weight lambda [0]."),
