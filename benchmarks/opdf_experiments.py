@@ -2,8 +2,8 @@
 
     python benchmarks/opdf_experiments.py run --task sst2 --glue ../shared/data/glue --seeds 1 2 3
     python benchmarks/opdf_experiments.py table            # prints the markdown table
-    python benchmarks/opdf_experiments.py attempts --task sst2 --variants runs/exp-mpolr ...
-                                                           # variants against the main grid
+    python benchmarks/opdf_experiments.py investigate --task sst2   # the attempts (ATTEMPTS below)
+    python benchmarks/opdf_experiments.py attempts --task sst2      # their table, next to the main grid
 
 For a task: fine-tune the teacher (recipes/<task>-teacher.yaml) and merge it; then for each seed and
 arm a (fine-tune), b (KD), c (KD + MPO), d (OPDF: KD + MPO + tensor constraint) run
@@ -27,6 +27,15 @@ ARMS = {"a": "a-finetune", "b": "b-kd", "c": "c-kd-mpo", "d": "d-opdf"}
 ARM_NAMES = {"a": "(a) fine-tune, no teacher", "b": "(b) logit KD", "c": "(c) KD + MPO, lambda=0",
              "d": "(d) OPDF: KD + MPO + constraint"}
 TASK_DIRS = {"sst2": "SST-2", "rte": "RTE"}
+# Investigation of docs/results.md: one change against the main grid per attempt, written to
+# <base>-<name>/<task>/<arm>-s<seed>, teacher reused from the main grid.
+ATTEMPTS = {
+    "mpolr": (["--mpo-lr", "2e-5"], "cd", ("sst2", "rte")),
+    "lam1000": (["--tensor-lambda", "1000"], "d", ("sst2",)),
+    "layermap": (["--layer-map", "0,1,2"], "d", ("sst2",)),
+    "everyother": (["--student-layers", "every-other"], "bd", ("sst2",)),
+    "n3": (["--mpo-n", "3"], "d", ("sst2",)),
+}
 
 
 def tdkd(*args: str, capture: bool = False) -> str:
@@ -178,6 +187,16 @@ def _changes(recipe: dict, base: dict) -> str:
     return ", ".join(diff) or "none"
 
 
+def cmd_investigate(a) -> None:
+    """Run the ATTEMPTS for a task (all, or --only NAMES), each as `run` with its options."""
+    for name in a.only or list(ATTEMPTS):
+        extra, arms, tasks = ATTEMPTS[name]
+        if a.task not in tasks:
+            continue
+        cmd_run(argparse.Namespace(task=a.task, glue=a.glue, out=f"{a.base}-{name}", seeds=a.seeds, arms=list(arms),
+                                   teacher_root=a.base, extra=extra))
+
+
 def cmd_attempts(a) -> None:
     """One row per (variant directory, arm): scores next to the main grid's, and the paired
     per-seed difference (same seed = same data order and dropout) against arm --against."""
@@ -201,7 +220,9 @@ def cmd_attempts(a) -> None:
         recs = _runs(base, arm)
         if recs:
             row(f"main grid ({a.base})", arm, recs)
-    for v in a.variants:
+    variants = a.variants or [f"{a.base}-{name}" for name, (_, _, tasks) in ATTEMPTS.items()
+                              if a.task in tasks and (Path(f"{a.base}-{name}") / a.task).is_dir()]
+    for v in variants:
         for arm in ARMS:
             recs = _runs(Path(v) / a.task, arm)
             if not recs:
@@ -237,10 +258,16 @@ def main() -> None:
     v = sub.add_parser("attempts")
     v.add_argument("--task", choices=list(TASK_DIRS), required=True)
     v.add_argument("--base", default="runs/exp", help="--out of the main grid")
-    v.add_argument("--variants", nargs="+", default=[], help="--out directories of variant runs")
+    v.add_argument("--variants", nargs="+", default=[], help="--out directories of variant runs (default: the ATTEMPTS run so far)")
     v.add_argument("--against", default="b", choices=list(ARMS), help="arm of the main grid to pair with")
+    i = sub.add_parser("investigate")
+    i.add_argument("--task", choices=list(TASK_DIRS), required=True)
+    i.add_argument("--glue", default="../shared/data/glue")
+    i.add_argument("--base", default="runs/exp", help="--out of the main grid (teachers); attempts go to BASE-NAME")
+    i.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    i.add_argument("--only", nargs="+", choices=list(ATTEMPTS), help="run only these attempts")
     a = ap.parse_args()
-    {"run": cmd_run, "table": cmd_table, "attempts": cmd_attempts}[a.cmd](a)
+    {"run": cmd_run, "table": cmd_table, "attempts": cmd_attempts, "investigate": cmd_investigate}[a.cmd](a)
 
 
 if __name__ == "__main__":
