@@ -104,6 +104,8 @@ def main() -> None:
         ("--resume on a directory that is not a run", ["distill", "-o", str(d / "exists"), "--resume"]),
         ("--resume with a changed setting", ["distill", "-o", str(run_ok), "--resume", "--lr", "1"]),
         ("out-of-range training option", ["distill", "--data", str(task), "--teacher", "none", "--student", T, "--batch-size", "0", "-o", str(d / "r9")]),
+        ("layer map naming a teacher layer that does not exist", ["distill", "--data", str(task), "--teacher", T, "--student-layers", "0,1", "--layer-map", "0,9", "-o", str(d / "r12")]),
+        ("a run directory where a model is expected", ["merge", str(run_ok), "-o", str(d / "o11")]),
         ("student layer that does not exist", ["distill", "--data", str(task), "--teacher", T, "--student-layers", "0,7", "-o", str(d / "r10")]),
         ("loss becomes NaN (absurd learning rate)", ["distill", "--data", str(task), "--teacher", "none", "--student", T, "--no-mpo",
                                                      "--lr", "1e30", "--max-grad-norm", "0", "--weight-decay", "0", "--max-steps", "50",

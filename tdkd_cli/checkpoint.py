@@ -301,4 +301,7 @@ def detect_kind(path: Path) -> str:
             return "hf"
         if isinstance(c, dict) and isinstance(c.get("architecture"), str):
             return "timm"
+    if (path / "run.json").is_file() and ((path / "best").is_dir() or (path / "checkpoints").is_dir()):
+        raise UsageError(f"{path} is a tdkd distill run directory, not a model: pass {path / 'best'} (best dev "
+                         f"checkpoint) or one of {path / 'checkpoints'}/step-N")
     raise CheckpointError(f"{path} is neither a tdkd checkpoint nor a Hugging Face or timm model directory")

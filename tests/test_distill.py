@@ -190,6 +190,10 @@ def test_distill_checkpoint_merges_and_evals(setup, capsys):
     assert cfg["num_hidden_layers"] == 2
     rc, out, err = run_cli(["eval", str(ck), "--data", str(task), "--json"], capsys)
     assert rc == 0, err
+    for cmd in (["merge", str(run), "-o", str(d / "kd-merged-2")], ["eval", str(run), "--data", str(task)]):
+        rc, out, err = run_cli(cmd, capsys)  # the run directory itself is not a model: say which ones are
+        assert rc == 2 and f"is a tdkd distill run directory, not a model: pass {run / 'best'}" in err, err
+    assert not (d / "kd-merged-2").exists()
 
 
 def test_tensor_constraint_moves_student_cores_towards_teacher(setup, capsys):
