@@ -25,13 +25,19 @@ app = typer.Typer(
     name="tdkd",
     help="Knowledge distillation with over-parameterized students (MPO tensor decomposition, OPDF).\n\n"
     "A pipeline is a chain of commands, each reading and writing safetensors checkpoints:\n\n"
-    "tdkd decompose tinybert -o student-mpo  ->  tdkd distill ...  ->  tdkd merge student-mpo -o student  "
+    "\b\ntdkd decompose tinybert -o student-mpo  ->  tdkd distill ...  ->  tdkd merge student-mpo -o student  "
     "->  tdkd eval / tdkd bench",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # option texts say "[default]" in brackets: never read them as rich markup
     context_settings={"help_option_names": ["-h", "--help"]},
 )
+
+
+def _examples(*lines: str) -> str:
+    """Command epilog: one example per line (a \\b line keeps click from re-wrapping them)."""
+    return "\b\nExamples:\n" + "\n".join(f"  {x}" for x in lines)
 
 
 def _version(value: bool):
@@ -75,9 +81,9 @@ def _progress(total_label: str, enabled: bool):
 
 
 # ----------------------------------------------------------------------------------------------
-@app.command(epilog="Examples:  tdkd decompose tinybert --init random -o tinybert-mpo  |  "
-             "tdkd decompose ./my-bert --n 5 --shapes 768=32,1,1,1,24 -o my-bert-mpo --json  |  "
-             "tdkd decompose vit_tiny_patch16_224 --weights vit.safetensors -o vit-mpo")
+@app.command(epilog=_examples("tdkd decompose tinybert --init random -o tinybert-mpo",
+             "tdkd decompose ./my-bert --n 5 --shapes 768=32,1,1,1,24 -o my-bert-mpo --json",
+             "tdkd decompose vit_tiny_patch16_224 --weights vit.safetensors -o vit-mpo"))
 def decompose(
     model: str = typer.Argument(..., help="HF model directory or hub name, timm model name (with --weights), or a preset: bert-base, tinybert, minilm, vit-tiny."),
     output: Path = typer.Option(..., "-o", "--output", help="Output directory (MPO checkpoint)."),
@@ -134,7 +140,7 @@ def decompose(
               f"probe output max |diff| {tot['output_max_abs_diff']:.1e}")
 
 
-@app.command(epilog="Example:  tdkd merge student-mpo -o student  (then: AutoModelForSequenceClassification.from_pretrained('student'))")
+@app.command(epilog=_examples("tdkd merge student-mpo -o student  (then: AutoModelForSequenceClassification.from_pretrained('student'))"))
 def merge(
     source: Path = typer.Argument(..., help="MPO checkpoint directory (decompose or distill output)."),
     output: Path = typer.Option(..., "-o", "--output", help="Output directory: a plain HF model directory, or for timm config.json + model.safetensors."),
@@ -203,13 +209,11 @@ class _DistillReporter:
             self.progress = None
 
 
-_D = "distill options (each overrides the recipe)"
-
-
-@app.command(epilog="Examples:  tdkd distill --recipe sst2-demo -o runs/demo  |  "
-             "tdkd distill --teacher teacher/ --student-layers 0,1,2 --data ../shared/data/glue/SST-2 --tensor-lambda 1e-4 -o run  |  "
-             "tdkd distill --teacher none --student minilm --data glue/SST-2 -o teacher-run  (fine-tune a teacher)  |  "
-             "tdkd distill -o run --resume  |  torchrun --nproc_per_node=2 -m tdkd_cli distill --recipe R -o run")
+@app.command(epilog=_examples("tdkd distill --recipe sst2-demo -o runs/demo",
+             "tdkd distill --teacher teacher/ --student-layers 0,1,2 --data ../shared/data/glue/SST-2 --tensor-lambda 1e-4 -o run",
+             "tdkd distill --teacher none --student minilm --data glue/SST-2 -o teacher-run  (fine-tune a teacher)",
+             "tdkd distill -o run --resume",
+             "torchrun --nproc_per_node=2 -m tdkd_cli distill --recipe R -o run"))
 def distill(
     output: Path = typer.Option(..., "-o", "--output", help="Run directory (checkpoints/, best/, metrics.jsonl, recipe.yaml)."),
     recipe: Optional[str] = typer.Option(None, "--recipe", help="Recipe YAML file or built-in name (see `tdkd recipes`)."),
@@ -313,7 +317,9 @@ def distill(
     _console().print(f"next: tdkd merge {report['best_dir']} -o student && tdkd eval student --data ...")
 
 
-@app.command(epilog="Examples:  tdkd recipes  |  tdkd recipes sst2-demo  (print)  |  tdkd recipes sst2-demo --copy my.yaml")
+@app.command(epilog=_examples("tdkd recipes",
+             "tdkd recipes sst2-demo  (print)",
+             "tdkd recipes sst2-demo --copy my.yaml"))
 def recipes(
     name: Optional[str] = typer.Argument(None, help="A built-in recipe to print (or copy with --copy)."),
     copy: Optional[Path] = typer.Option(None, "--copy", help="Copy the recipe to this file for editing."),
@@ -345,9 +351,9 @@ def recipes(
     _console().print(f"copied {path.name} -> {copy}; run it with: tdkd distill --recipe {copy} -o RUN")
 
 
-@app.command("eval", epilog="Examples:  tdkd eval student --data ../shared/data/glue/SST-2 --task sst2  |  "
-             "tdkd eval run/best --data data/rte.jsonl --text-column premise --text-column hypothesis --label-column label --json  |  "
-             "tdkd eval vit-merged --data images/ --predictions preds.jsonl")
+@app.command("eval", epilog=_examples("tdkd eval student --data ../shared/data/glue/SST-2 --task sst2",
+             "tdkd eval run/best --data data/rte.jsonl --text-column premise --text-column hypothesis --label-column label --json",
+             "tdkd eval vit-merged --data images/ --predictions preds.jsonl"))
 def eval_(
     model: str = typer.Argument(..., help="Dense HF/timm directory, MPO checkpoint (decompose/distill output), merged output, or preset."),
     data: str = typer.Option(..., "--data", help="Task directory (with dev.tsv, train.tsv), a .tsv/.csv/.jsonl file, an image folder (CLASS/*.png) for timm models, or builtin:sst2-sample."),
@@ -390,9 +396,9 @@ def eval_(
         _console().print(f"predictions -> {predictions}")
 
 
-@app.command(epilog="Examples:  tdkd bench bert-base tinybert --init random --seq-len 128 --batch-size 8  |  "
-             "tdkd bench teacher student-mpo student --json --output bench.json  |  "
-             "tdkd bench teacher student --baseline bench-main.json --max-regression 0.10 --gate ratio")
+@app.command(epilog=_examples("tdkd bench bert-base tinybert --init random --seq-len 128 --batch-size 8",
+             "tdkd bench teacher student-mpo student --json --output bench.json",
+             "tdkd bench teacher student --baseline bench-main.json --max-regression 0.10 --gate ratio"))
 def bench(
     models: List[str] = typer.Argument(..., help="Models to time side by side; ratios are against the first."),
     device: str = typer.Option("cpu", "--device", help="cpu | cuda | auto."),

@@ -3,6 +3,8 @@ import os
 import pytest
 import torch
 
+import tdkd_cli  # noqa: F401  (installs the torchvision shim before any test imports transformers or timm)
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 

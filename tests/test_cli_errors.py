@@ -95,3 +95,23 @@ def test_help_is_fast_and_lazy():
 def test_distill_without_output_is_a_usage_error(capsys):
     rc, _, err = run_cli(["distill"], capsys)
     assert rc == 2 and err.startswith("error: ") and "--output" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("command", ["decompose", "distill", "merge", "eval", "bench", "recipes"])
+def test_help_shows_every_option_text_whole(command, capsys, monkeypatch):
+    """Help is rendered with rich, which reads [...] as markup: no option's text may lose a part."""
+    import re
+
+    import typer.main
+
+    from tdkd_cli.cli import app
+
+    monkeypatch.setenv("COLUMNS", "100")
+    rc, out, _ = run_cli([command, "--help"], capsys)
+    assert rc == 0
+    flat = lambda text: re.sub(r"\s+", "", text.replace("│", ""))  # noqa: E731  (rich wraps lines in boxes)
+    cmd = typer.main.get_command(app).commands[command]
+    texts = [p.help for p in cmd.params if getattr(p, "help", None)]
+    assert texts
+    for text in texts:
+        assert flat(text) in flat(out), text
