@@ -31,6 +31,7 @@ TASK_DIRS = {"sst2": "SST-2", "rte": "RTE"}
 # <base>-<name>/<task>/<arm>-s<seed>, teacher reused from the main grid.
 ATTEMPTS = {
     "mpolr": (["--mpo-lr", "2e-5"], "cd", ("sst2", "rte")),
+    "mpolr5e6": (["--mpo-lr", "5e-6"], "cd", ("sst2",)),
     "lam1000": (["--tensor-lambda", "1000"], "d", ("sst2",)),
     "layermap": (["--layer-map", "0,1,2"], "d", ("sst2",)),
     "everyother": (["--student-layers", "every-other"], "bd", ("sst2",)),
