@@ -4,6 +4,7 @@
     python benchmarks/opdf_experiments.py table            # prints the markdown table
     python benchmarks/opdf_experiments.py investigate --task sst2   # the attempts (ATTEMPTS below)
     python benchmarks/opdf_experiments.py attempts --task sst2      # their table, next to the main grid
+    python benchmarks/opdf_experiments.py curves --task sst2 --outs runs/exp runs/exp-mpolr  # dev acc. by step
 
 For a task: fine-tune the teacher (recipes/<task>-teacher.yaml) and merge it; then for each seed and
 arm a (fine-tune), b (KD), c (KD + MPO), d (OPDF: KD + MPO + tensor constraint) run
@@ -188,6 +189,24 @@ def _changes(recipe: dict, base: dict) -> str:
     return ", ".join(diff) or "none"
 
 
+def cmd_curves(a) -> None:
+    """Mean dev accuracy over the seeds at given steps, per arm, for each --out directory."""
+    print("| runs | arm | seeds | " + " | ".join(f"step {k}" for k in a.steps) + " |")
+    print("|---|---|---|" + "---|" * len(a.steps))
+    for out in a.outs:
+        for arm in ARMS:
+            curves = []
+            for run in sorted((Path(out) / a.task).glob(f"{arm}-s*[0-9]")):
+                if not (run / "eval-merged.json").is_file():
+                    continue
+                rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"eval"' in x]
+                curves.append({r["step"]: r["eval"]["accuracy"] for r in rows})
+            if curves:
+                cells = [f"{100 * statistics.mean(c[k] for c in curves):.1f}" if all(k in c for c in curves) else "-"
+                         for k in a.steps]
+                print(f"| {out} | {arm} | {len(curves)} | " + " | ".join(cells) + " |")
+
+
 def cmd_investigate(a) -> None:
     """Run the ATTEMPTS for a task (all, or --only NAMES), each as `run` with its options."""
     for name in a.only or list(ATTEMPTS):
@@ -267,8 +286,13 @@ def main() -> None:
     i.add_argument("--base", default="runs/exp", help="--out of the main grid (teachers); attempts go to BASE-NAME")
     i.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     i.add_argument("--only", nargs="+", choices=list(ATTEMPTS), help="run only these attempts")
+    c = sub.add_parser("curves")
+    c.add_argument("--task", choices=list(TASK_DIRS), required=True)
+    c.add_argument("--outs", nargs="+", default=["runs/exp"])
+    c.add_argument("--steps", type=int, nargs="+", default=[25, 50, 100, 150, 200, 250])
     a = ap.parse_args()
-    {"run": cmd_run, "table": cmd_table, "attempts": cmd_attempts, "investigate": cmd_investigate}[a.cmd](a)
+    {"run": cmd_run, "table": cmd_table, "attempts": cmd_attempts, "investigate": cmd_investigate,
+     "curves": cmd_curves}[a.cmd](a)
 
 
 if __name__ == "__main__":
