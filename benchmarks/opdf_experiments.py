@@ -222,13 +222,13 @@ def cmd_attempts(a) -> None:
     per-seed difference (same seed = same data order and dropout) against arm --against."""
     base = Path(a.base) / a.task
     lines = [f"| attempt (changes vs main grid) | arm | seeds | best dev acc. (mean ± sd) | per seed | final-step (mean ± sd) | "
-             f"dev acc. at first eval | best - {a.against} same seeds (mean ± sd) |",
+             f"dev acc. at first eval | best - ({a.against}) on the same seeds, with the same change where run (mean ± sd) |",
              "|---|---|---|---|---|---|---|---|"]
 
-    def row(label, arm, recs):
+    def row(label, arm, recs, own=None):
         seeds = sorted(recs)
         best = [recs[k]["best"] for k in seeds]
-        ref = _runs(base, a.against)
+        ref = own or _runs(base, a.against)
         paired = [recs[k]["best"] - ref[k]["best"] for k in seeds if k in ref]
         firsts = [recs[k]["first"] for k in seeds if recs[k]["first"]]
         first = (f"{100 * statistics.mean(x[1] for x in firsts):.1f} (step {firsts[0][0]})" if firsts else "-")
@@ -249,7 +249,7 @@ def cmd_attempts(a) -> None:
                 continue
             main = _runs(base, arm)
             changes = {_changes(r["recipe"], main[k]["recipe"]) if k in main else "?" for k, r in recs.items()}
-            row(f"{' / '.join(sorted(changes))} ({v})", arm, recs)
+            row(f"{' / '.join(sorted(changes))} ({v})", arm, recs, _runs(Path(v) / a.task, a.against))
     print("\n".join(lines))
 
 
