@@ -805,7 +805,7 @@ def run(r: dict, out: Path, *, resume: bool = False, force: bool = False, report
     # whole run: earlier invocations up to their checkpoint + this one
     elapsed, timed = prior_seconds + time.perf_counter() - t_start, prior_steps + total - start_step
     return {"output": str(out), "steps": total, "best": best, "final_metrics": last_metrics,
-            "train_seconds": round(elapsed, 2), "steps_run": total - start_step,
+            "train_seconds": round(elapsed, 3), "steps_run": total - start_step,
             "seconds_per_step": round(elapsed / timed, 4) if timed else None,
             "checkpoint": str(checkpoint_dirs(out)[-1]) if checkpoint_dirs(out) else None,
             "best_dir": str(out / "best"), "world_size": dist.world, "device": device, **info}
