@@ -160,16 +160,16 @@ def cmd_table(a) -> None:
 
 
 def _run_record(run: Path) -> dict | None:
-    """Scores of one finished arm run: best (merged eval), final step, first evaluation, recipe."""
+    """Scores of one finished arm run: best (merged eval), final step, dev accuracy by step, recipe."""
     ev, sm = run / "eval-merged.json", run / "summary.json"
     if not (ev.is_file() and sm.is_file()):
         return None
     import yaml
 
     e, s = json.loads(ev.read_text()), json.loads(sm.read_text())
-    evals = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"eval"' in x]
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"eval"' in x]
     return {"best": e["metrics"]["accuracy"], "final": s["final_metrics"]["accuracy"],
-            "first": (evals[0]["step"], evals[0]["eval"]["accuracy"]) if evals else None,
+            "evals": {r["step"]: r["eval"]["accuracy"] for r in rows},
             "recipe": yaml.safe_load((run / "recipe.yaml").read_text())}
 
 
@@ -195,12 +195,7 @@ def cmd_curves(a) -> None:
     print("|---|---|---|" + "---|" * len(a.steps))
     for out in a.outs:
         for arm in ARMS:
-            curves = []
-            for run in sorted((Path(out) / a.task).glob(f"{arm}-s*[0-9]")):
-                if not (run / "eval-merged.json").is_file():
-                    continue
-                rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"eval"' in x]
-                curves.append({r["step"]: r["eval"]["accuracy"] for r in rows})
+            curves = [rec["evals"] for rec in _runs(Path(out) / a.task, arm).values()]
             if curves:
                 cells = [f"{100 * statistics.mean(c[k] for c in curves):.1f}" if all(k in c for c in curves) else "-"
                          for k in a.steps]
@@ -225,31 +220,32 @@ def cmd_attempts(a) -> None:
              f"dev acc. at first eval | best - ({a.against}) on the same seeds, with the same change where run (mean ± sd) |",
              "|---|---|---|---|---|---|---|---|"]
 
+    main_runs = {arm: _runs(base, arm) for arm in ARMS}
+
     def row(label, arm, recs, own=None):
         seeds = sorted(recs)
         best = [recs[k]["best"] for k in seeds]
-        ref = own or _runs(base, a.against)
+        ref = own or main_runs[a.against]
         paired = [recs[k]["best"] - ref[k]["best"] for k in seeds if k in ref]
-        firsts = [recs[k]["first"] for k in seeds if recs[k]["first"]]
+        firsts = [min(recs[k]["evals"].items()) for k in seeds if recs[k]["evals"]]
         first = (f"{100 * statistics.mean(x[1] for x in firsts):.1f} (step {firsts[0][0]})" if firsts else "-")
         lines.append(f"| {label} | {arm} | {','.join(seeds)} | {_mean_std(best)} | {', '.join(f'{100 * x:.2f}' for x in best)} | "
                      f"{_mean_std([recs[k]['final'] for k in seeds])} | {first} | "
                      f"{_signed(paired) if paired else '-'} |")
 
-    for arm in ARMS:
-        recs = _runs(base, arm)
+    for arm, recs in main_runs.items():
         if recs:
             row(f"main grid ({a.base})", arm, recs)
     variants = a.variants or [f"{a.base}-{name}" for name, (_, _, tasks) in ATTEMPTS.items()
                               if a.task in tasks and (Path(f"{a.base}-{name}") / a.task).is_dir()]
     for v in variants:
-        for arm in ARMS:
-            recs = _runs(Path(v) / a.task, arm)
+        v_runs = {arm: _runs(Path(v) / a.task, arm) for arm in ARMS}
+        for arm, recs in v_runs.items():
             if not recs:
                 continue
-            main = _runs(base, arm)
+            main = main_runs[arm]
             changes = {_changes(r["recipe"], main[k]["recipe"]) if k in main else "?" for k, r in recs.items()}
-            row(f"{' / '.join(sorted(changes))} ({v})", arm, recs, _runs(Path(v) / a.task, a.against))
+            row(f"{' / '.join(sorted(changes))} ({v})", arm, recs, v_runs[a.against])
     print("\n".join(lines))
 
 
