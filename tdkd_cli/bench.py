@@ -14,24 +14,11 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .errors import UsageError
+from .errors import UsageError, VerificationError
+from .models import probe_inputs
 
 DTYPES = ("float32", "bfloat16", "float16")
 SCHEMA = "tdkd-bench/1"
-
-
-def resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        if not torch.cuda.is_available():
-            raise UsageError("--device cuda: CUDA is not available on this machine (torch.cuda.is_available() is False); use --device cpu")
-        return device
-    if device != "cpu":
-        raise UsageError(f"--device must be cpu, cuda or auto (got {device!r})")
-    return device
 
 
 def percentile(sorted_values: Sequence[float], q: float) -> float:
@@ -64,19 +51,6 @@ def _reset_rss_peak() -> bool:
         return False
 
 
-def make_inputs(model, family: str, batch_size: int, seq_len: int, device: str, dtype, seed: int = 0) -> dict:
-    import torch
-
-    g = torch.Generator().manual_seed(seed)
-    if family == "hf":
-        vocab = int(getattr(model.config, "vocab_size", 1000))
-        ids = torch.randint(1, vocab, (batch_size, seq_len), generator=g)
-        return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device)}
-    from .models import image_input_size
-
-    return {"x": torch.randn((batch_size,) + image_input_size(model), generator=g).to(device=device, dtype=dtype)}
-
-
 def run(models: Sequence[tuple[str, object, str]], *, device: str, batch_size: int, seq_len: int, dtype: str,
         threads: int | None, warmup: int, iters: int, on_round: Callable[[], None] | None = None) -> dict:
     """models: (name, nn.Module, family). Returns the report dict (schema tdkd-bench/1)."""
@@ -102,7 +76,7 @@ def run(models: Sequence[tuple[str, object, str]], *, device: str, batch_size: i
     prepared = []
     for name, model, family in models:
         model = model.eval().to(device=device, dtype=tdtype)
-        inputs = make_inputs(model, family, batch_size, seq_len, device, tdtype)
+        inputs = probe_inputs(model, family, batch_size, seq_len, device=device, dtype=tdtype)
         params = sum(p.numel() for p in model.parameters())
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters()) + \
             sum(b.numel() * b.element_size() for b in model.buffers())
@@ -204,3 +178,16 @@ def regression_check(report: dict, baseline: dict, max_regression: float, gate: 
         out.append({"name": m["name"], "gate": key, "baseline": before, "current": now, "change": change,
                     "status": "regressed" if change > max_regression else "ok"})
     return out
+
+
+def apply_gate(report: dict, baseline_path: Path, baseline: dict, max_regression: float, gate: str) -> VerificationError | None:
+    """Add the regression check against ``baseline`` to ``report`` (key "regression"); the error
+    to raise once the report is shown, when a model regressed by more than ``max_regression``."""
+    models = regression_check(report, baseline, max_regression, gate)
+    failed = [m for m in models if m["status"] == "regressed"]
+    report["regression"] = {"baseline": str(baseline_path), "max_regression": max_regression, "gate": gate,
+                            "models": models, "passed": not failed}
+    if not failed:
+        return None
+    names = ", ".join(f"{m['name']} ({m['change']:+.1%})" for m in failed)
+    return VerificationError(f"performance regression over {max_regression:.0%} against {baseline_path}: {names}")

@@ -40,6 +40,15 @@ def _examples(*lines: str) -> str:
     return "\b\nExamples:\n" + "\n".join(f"  {x}" for x in lines)
 
 
+def _key_help(key: str, extra: str = "") -> str:
+    """Help of a distill option: the recipe key's own help (recipe.SCHEMA), its default in brackets."""
+    from .recipe import SCHEMA
+
+    kind, default, text = SCHEMA[key]
+    shown = "" if default is None else f" [{str(default).lower() if kind == 'bool' else default}]"
+    return f"{text}{(' ' + extra) if extra else ''}{shown}"
+
+
 def _version(value: bool):
     if value:
         typer.echo(f"tdkd {__version__}")
@@ -52,32 +61,6 @@ def _root(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
 ):
     """Knowledge distillation with over-parameterized students."""
-
-
-def _console(stderr: bool = False):
-    from rich.console import Console
-
-    stream = sys.stderr if stderr else sys.stdout
-    # In pipes and CI logs rich would assume 80 columns and truncate table cells.
-    width = None if stream.isatty() else 200
-    return Console(stderr=stderr, highlight=False, width=width)
-
-
-def _fmt_int(x: int) -> str:
-    return f"{x:,}"
-
-
-def _emit_json(obj) -> None:
-    sys.stdout.write(json.dumps(obj, indent=2) + "\n")
-    sys.stdout.flush()
-
-
-def _progress(total_label: str, enabled: bool):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    return Progress(TextColumn(total_label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TextColumn("{task.description}"), console=_console(stderr=True), transient=True,
-                    disable=not enabled)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -104,40 +87,17 @@ def decompose(
 
     Prints per layer the factor shapes, bond dimensions, parameters before/after and the
     reconstruction error, then totals with the over-parameterization ratio."""
-    from . import ops
+    from . import ops, render
 
-    progress = _progress("decomposing", enabled=not as_json and sys.stderr.isatty())
+    progress = render.progress("decomposing", enabled=not as_json and sys.stderr.isatty())
     with progress:
         task = progress.add_task("", total=None)
-
-        def on_plan(total):
-            progress.update(task, total=total)
-
-        def on_layer(plan):
-            progress.update(task, advance=1, description=plan.name)
-
         report = ops.decompose_model(model, output, n=n, targets=targets, shapes=shapes or (), rank=rank, weights=weights,
                                      init=init, num_labels=num_labels, seed=seed, force=force,
-                                     trust_remote_code=trust_remote_code, layers=layers, on_layer=on_layer, on_plan=on_plan)
-    if as_json:
-        _emit_json(report)
-        return
-    from rich.table import Table
-
-    t = Table(title=f"decompose {model} -> {output}  (n={n}{'' if rank is None else f', chi={rank}'})")
-    for col in ("layer", "weight", "factor shapes (out x in)", "bonds", "params", "MPO params", "x", "rel. error"):
-        t.add_column(col, justify="right" if col in ("params", "MPO params", "x", "rel. error") else "left")
-    for L in report["layers"]:
-        t.add_row(L["name"], f"{L['out_features']}x{L['in_features']}", f"{L['out_shape']} x {L['in_shape']}",
-                  ",".join(map(str, L["bonds"][1:-1])), _fmt_int(L["dense_params"]), _fmt_int(L["mpo_params"]),
-                  f"{L['mpo_params'] / L['dense_params']:.2f}", f"{L['rel_error']:.1e}")
-    tot = report["totals"]
-    con = _console()
-    con.print(t)
-    con.print(f"{tot['layers']} matrices: {_fmt_int(tot['dense_params_targets'])} -> {_fmt_int(tot['mpo_params_targets'])} parameters")
-    con.print(f"model: {_fmt_int(tot['model_params_before'])} -> {_fmt_int(tot['model_params_after'])} parameters "
-              f"(over-parameterization x{tot['overparam_ratio']:.3f}); max rel. error {tot['max_rel_error']:.1e}; "
-              f"probe output max |diff| {tot['output_max_abs_diff']:.1e}")
+                                     trust_remote_code=trust_remote_code, layers=layers,
+                                     on_plan=lambda total: progress.update(task, total=total),
+                                     on_layer=lambda plan: progress.update(task, advance=1, description=plan.name))
+    render.emit_json(report) if as_json else render.decompose_report(report, model, output, n, rank)
 
 
 @app.command(epilog=_examples("tdkd merge student-mpo -o student  (then: AutoModelForSequenceClassification.from_pretrained('student'))"))
@@ -152,61 +112,10 @@ def merge(
 
     Verifies the written checkpoint: reloads it with plain transformers/timm code and compares its
     outputs with the MPO model's on a probe batch; exits 1 (writing nothing) above --tolerance."""
-    from . import ops
+    from . import ops, render
 
     report = ops.merge_checkpoint(source, output, tolerance=tolerance, force=force)
-    if as_json:
-        _emit_json(report)
-        return
-    con = _console()
-    con.print(f"merged {report['layers']} MPO layers: {_fmt_int(report['params_mpo'])} -> {_fmt_int(report['params_merged'])} parameters")
-    con.print(f"verification on a probe batch: max |diff| {report['max_abs_diff']:.2e}, relative {report['max_rel_diff']:.2e} "
-              f"(tolerance {report['tolerance']:g}) OK -> {report['output']}")
-
-
-class _DistillReporter:
-    """Rich progress bar on a terminal; plain log lines on stderr otherwise (CI logs, pipes)."""
-
-    def __init__(self, quiet: bool):
-        self.quiet = quiet
-        self.err = _console(stderr=True)
-        self.tty = sys.stderr.isatty()
-        self.progress = None
-        self.bar = None
-        self.evals: list[tuple[int, dict, bool]] = []
-
-    def info(self, text: str) -> None:
-        if not self.quiet:
-            self.err.print(text)
-
-    def start(self, total: int, start_step: int) -> None:
-        if self.quiet or not self.tty:
-            return
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-        self.progress = Progress(TextColumn("distill"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                                 TimeRemainingColumn(), TextColumn("{task.description}"), console=self.err)
-        self.progress.start()
-        self.bar = self.progress.add_task("", total=total, completed=start_step)
-
-    def step(self, step: int, total: int, rec: dict) -> None:
-        parts = [f"loss {rec['loss']:.4g}"] + [f"{k} {rec[k]:.4g}" for k in ("kd", "ce", "hidden", "attention", "tensor") if rec[k]]
-        text = " ".join(parts) + f" | {rec['examples_per_s']:.1f} ex/s"
-        if self.progress is not None:
-            self.progress.update(self.bar, completed=step, description=text)
-        elif not self.quiet:
-            self.err.print(f"step {step}/{total} lr {rec['lr']:.3g} {text}")
-
-    def evaluated(self, step: int, metrics: dict, best: bool) -> None:
-        self.evals.append((step, metrics, best))
-        if not self.quiet:
-            m = " ".join(f"{k} {v:.4f}" for k, v in metrics.items())
-            self.err.print(f"eval at step {step}: {m}{'  (best so far)' if best else ''}")
-
-    def finish(self) -> None:
-        if self.progress is not None:
-            self.progress.stop()
-            self.progress = None
+    render.emit_json(report) if as_json else render.merge_report(report)
 
 
 @app.command(epilog=_examples("tdkd distill --recipe sst2-demo -o runs/demo",
@@ -215,106 +124,74 @@ class _DistillReporter:
              "tdkd distill -o run --resume",
              "torchrun --nproc_per_node=2 -m tdkd_cli distill --recipe R -o run"))
 def distill(
+    ctx: typer.Context,
     output: Path = typer.Option(..., "-o", "--output", help="Run directory (checkpoints/, best/, metrics.jsonl, recipe.yaml)."),
     recipe: Optional[str] = typer.Option(None, "--recipe", help="Recipe YAML file or built-in name (see `tdkd recipes`)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in OUTPUT from its latest complete checkpoint."),
     force: bool = typer.Option(False, "--force", help="Replace an existing run directory."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON (and no progress)."),
-    teacher: Optional[str] = typer.Option(None, "--teacher", help="Teacher model, or 'none' to fine-tune without one (how teachers and no-KD baselines are made)."),
-    student: Optional[str] = typer.Option(None, "--student", help="Student model or `tdkd decompose` output. Default with --student-layers: the teacher."),
-    student_layers: Optional[str] = typer.Option(None, "--student-layers", help="Cut the student to these layers: 0,1,2 | every-other | first-K."),
-    init: Optional[str] = typer.Option(None, "--init", help="pretrained | random (presets build offline)."),
-    student_weights: Optional[str] = typer.Option(None, "--student-weights", help="safetensors weights of a timm student."),
-    teacher_weights: Optional[str] = typer.Option(None, "--teacher-weights", help="safetensors weights of a timm teacher."),
-    tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="Tokenizer directory when the models have none."),
-    data: Optional[str] = typer.Option(None, "--data", help="Task directory (train/dev .tsv), .tsv/.csv/.jsonl file, image folder, or builtin:sst2-sample."),
-    task: Optional[str] = typer.Option(None, "--task", help="sst2 rte mrpc cola stsb qnli qqp mnli (default: from the data path)."),
-    text_column: Optional[List[str]] = typer.Option(None, "--text-column", help="Text column of a generic file; repeat for pairs."),
-    label_column: Optional[str] = typer.Option(None, "--label-column", help="Label column of a generic file."),
-    train_split: Optional[str] = typer.Option(None, "--train-split", help="Training split name [train]."),
-    dev_split: Optional[str] = typer.Option(None, "--dev-split", help="Evaluation split name, or 'none' [dev]."),
-    train_limit: Optional[int] = typer.Option(None, "--train-limit", help="Use only the first N training examples."),
-    dev_limit: Optional[int] = typer.Option(None, "--dev-limit", help="Use only the first N dev examples."),
-    max_length: Optional[int] = typer.Option(None, "--max-length", help="Truncate token sequences [128]."),
-    mpo: Optional[bool] = typer.Option(None, "--mpo/--no-mpo", help="Train the student over-parameterized in MPO form [mpo]."),
-    n: Optional[int] = typer.Option(None, "--n", "--mpo-n", help="MPO cores per matrix for on-the-fly decomposition [5]. Under torchrun write --mpo-n (torchrun's parser takes --n as an abbreviation of its own options)."),
-    targets: Optional[List[str]] = typer.Option(None, "--targets", help="Glob of Linear layers to decompose; repeatable."),
-    shapes: Optional[List[str]] = typer.Option(None, "--shapes", help="Explicit factor shape DIM=F1,..; repeatable."),
-    alpha: Optional[float] = typer.Option(None, "--alpha", help="KD weight; CE gets 1-alpha [1.0]."),
-    temperature: Optional[float] = typer.Option(None, "--temperature", help="KD temperature T [1.0]."),
-    layer_map: Optional[str] = typer.Option(None, "--layer-map", help="Teacher layer per student layer for the hidden, attention and tensor losses, e.g. 0,1,2 (default uniform: ceil((i+1)L_T/L_S)-1)."),
-    hidden_weight: Optional[float] = typer.Option(None, "--hidden-weight", help="Hidden-state MSE weight [0]."),
-    attention_weight: Optional[float] = typer.Option(None, "--attention-weight", help="Attention-map MSE weight [0]."),
-    tensor_lambda: Optional[float] = typer.Option(None, "--tensor-lambda", help="OPDF tensor constraint weight lambda [0]."),
-    lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate of dense parameters [5e-5]."),
-    mpo_lr: Optional[float] = typer.Option(None, "--mpo-lr", help="Learning rate of MPO cores [= lr]."),
-    weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="AdamW weight decay of weight matrices [0.01]."),
-    warmup_ratio: Optional[float] = typer.Option(None, "--warmup-ratio", help="Warm-up fraction of the steps [0]."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Examples per micro-batch per process [32]."),
-    grad_accum: Optional[int] = typer.Option(None, "--grad-accum", help="Micro-batches per optimizer step [1]."),
-    epochs: Optional[float] = typer.Option(None, "--epochs", help="Passes over the data [3]."),
-    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Optimizer steps (overrides --epochs)."),
-    max_grad_norm: Optional[float] = typer.Option(None, "--max-grad-norm", help="Gradient clipping norm, 0 = off [1.0]."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Seed [42]."),
-    eval_every: Optional[int] = typer.Option(None, "--eval-every", help="Evaluate every N steps, 0 = at the end [0]."),
-    save_every: Optional[int] = typer.Option(None, "--save-every", help="Full-state checkpoint every N steps, 0 = at the end [0]."),
-    keep_last: Optional[int] = typer.Option(None, "--keep-last", help="Full-state checkpoints kept [2]."),
-    log_every: Optional[int] = typer.Option(None, "--log-every", help="Log averaged losses every N steps [10]."),
-    eval_batch_size: Optional[int] = typer.Option(None, "--eval-batch-size", help="Evaluation batch size [64]."),
-    device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda [auto]."),
+    # every option below is a recipe key (recipe.Recipe) of the same name; its help and default come from there
+    teacher: Optional[str] = typer.Option(None, "--teacher", help=_key_help("teacher")),
+    student: Optional[str] = typer.Option(None, "--student", help=_key_help("student")),
+    student_layers: Optional[str] = typer.Option(None, "--student-layers", help=_key_help("student_layers")),
+    init: Optional[str] = typer.Option(None, "--init", help=_key_help("init")),
+    student_weights: Optional[str] = typer.Option(None, "--student-weights", help=_key_help("student_weights")),
+    teacher_weights: Optional[str] = typer.Option(None, "--teacher-weights", help=_key_help("teacher_weights")),
+    tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help=_key_help("tokenizer")),
+    data: Optional[str] = typer.Option(None, "--data", help=_key_help("data")),
+    task: Optional[str] = typer.Option(None, "--task", help=_key_help("task")),
+    text_columns: Optional[List[str]] = typer.Option(None, "--text-column", help=_key_help("text_columns", "Repeat for pairs.")),
+    label_column: Optional[str] = typer.Option(None, "--label-column", help=_key_help("label_column")),
+    train_split: Optional[str] = typer.Option(None, "--train-split", help=_key_help("train_split")),
+    dev_split: Optional[str] = typer.Option(None, "--dev-split", help=_key_help("dev_split")),
+    train_limit: Optional[int] = typer.Option(None, "--train-limit", help=_key_help("train_limit")),
+    dev_limit: Optional[int] = typer.Option(None, "--dev-limit", help=_key_help("dev_limit")),
+    max_length: Optional[int] = typer.Option(None, "--max-length", help=_key_help("max_length")),
+    mpo: Optional[bool] = typer.Option(None, "--mpo/--no-mpo", help=_key_help("mpo")),
+    n: Optional[int] = typer.Option(None, "--n", "--mpo-n", help=_key_help("n", "Under torchrun write --mpo-n (torchrun's parser takes --n as an abbreviation of its own options).")),
+    targets: Optional[List[str]] = typer.Option(None, "--targets", help=_key_help("targets", "Repeatable.")),
+    shapes: Optional[List[str]] = typer.Option(None, "--shapes", help=_key_help("shapes", "Repeatable: --shapes 768=32,1,1,1,24.")),
+    alpha: Optional[float] = typer.Option(None, "--alpha", help=_key_help("alpha")),
+    temperature: Optional[float] = typer.Option(None, "--temperature", help=_key_help("temperature")),
+    layer_map: Optional[str] = typer.Option(None, "--layer-map", help=_key_help("layer_map")),
+    hidden_weight: Optional[float] = typer.Option(None, "--hidden-weight", help=_key_help("hidden_weight")),
+    attention_weight: Optional[float] = typer.Option(None, "--attention-weight", help=_key_help("attention_weight")),
+    tensor_lambda: Optional[float] = typer.Option(None, "--tensor-lambda", help=_key_help("tensor_lambda")),
+    lr: Optional[float] = typer.Option(None, "--lr", help=_key_help("lr")),
+    mpo_lr: Optional[float] = typer.Option(None, "--mpo-lr", help=_key_help("mpo_lr")),
+    weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help=_key_help("weight_decay")),
+    warmup_ratio: Optional[float] = typer.Option(None, "--warmup-ratio", help=_key_help("warmup_ratio")),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help=_key_help("batch_size")),
+    grad_accum: Optional[int] = typer.Option(None, "--grad-accum", help=_key_help("grad_accum")),
+    epochs: Optional[float] = typer.Option(None, "--epochs", help=_key_help("epochs")),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help=_key_help("max_steps")),
+    max_grad_norm: Optional[float] = typer.Option(None, "--max-grad-norm", help=_key_help("max_grad_norm")),
+    seed: Optional[int] = typer.Option(None, "--seed", help=_key_help("seed")),
+    eval_every: Optional[int] = typer.Option(None, "--eval-every", help=_key_help("eval_every")),
+    save_every: Optional[int] = typer.Option(None, "--save-every", help=_key_help("save_every")),
+    keep_last: Optional[int] = typer.Option(None, "--keep-last", help=_key_help("keep_last")),
+    log_every: Optional[int] = typer.Option(None, "--log-every", help=_key_help("log_every")),
+    eval_batch_size: Optional[int] = typer.Option(None, "--eval-batch-size", help=_key_help("eval_batch_size")),
+    device: Optional[str] = typer.Option(None, "--device", help=_key_help("device")),
 ):
     """Distill a teacher into an over-parameterized (MPO) student: KD + OPDF tensor constraint.
 
     Loss: alpha*KD(T) + (1-alpha)*CE + hidden_weight*MSE(hidden) + attention_weight*MSE(attn)
     + tensor_lambda * L_aux, where L_aux pulls the student's auxiliary MPO cores towards the
     teacher's (decomposed once with matching factor shapes, frozen). Writes a run directory;
-    `tdkd merge OUTPUT/best -o student` gives the deployable dense student."""
+    `tdkd merge OUTPUT/best -o student` gives the deployable dense student. Every option from
+    --teacher on is also a recipe key (--grad-accum <-> grad_accum); the command line wins."""
     from . import recipe as recipe_mod
-    from . import train
+    from . import render, train
 
-    overrides = dict(
-        teacher=teacher, student=student, student_layers=student_layers, init=init, student_weights=student_weights,
-        teacher_weights=teacher_weights, tokenizer=tokenizer, data=data, task=task, text_columns=text_column or None,
-        label_column=label_column, train_split=train_split, dev_split=dev_split, train_limit=train_limit,
-        dev_limit=dev_limit, max_length=max_length, mpo=mpo, n=n, targets=targets or None, shapes=shapes or None,
-        alpha=alpha, temperature=temperature, layer_map=layer_map, hidden_weight=hidden_weight, attention_weight=attention_weight,
-        tensor_lambda=tensor_lambda, lr=lr, mpo_lr=mpo_lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio,
-        batch_size=batch_size, grad_accum=grad_accum, epochs=epochs, max_steps=max_steps, max_grad_norm=max_grad_norm,
-        seed=seed, eval_every=eval_every, save_every=save_every, keep_last=keep_last, log_every=log_every,
-        eval_batch_size=eval_batch_size, device=device,
-    )
-    explicit = {k for k, v in overrides.items() if v is not None}
-    if recipe:
-        explicit |= set(recipe_mod.read(recipe))
-    r = recipe_mod.resolve(recipe, overrides)
-    reporter = _DistillReporter(quiet=as_json)
+    overrides = {k: (v or None) if isinstance(v, (list, tuple)) else v
+                 for k, v in ctx.params.items() if k in recipe_mod.SCHEMA}
+    r, explicit = recipe_mod.build(recipe, overrides)
+    reporter = render.DistillReporter(quiet=as_json)
     report = train.run(r, output, resume=resume, force=force, reporter=reporter, argv=sys.argv[1:], explicit=explicit)
-    if report.get("world_size", 1) > 1 and int(os.environ.get("RANK", "0")) != 0:
+    if report is None:  # not the main process of a torchrun run
         return
-    if as_json:
-        _emit_json(report)
-        return
-    from rich.table import Table
-
-    t = Table(title=f"distill -> {output}")
-    t.add_column("")
-    t.add_column("", justify="right")
-    best = report["best"]
-    rows = [("steps", _fmt_int(report["steps"])), ("processes x device", f"{report['world_size']} x {report['device']}"),
-            ("training examples", _fmt_int(report["train_examples"])),
-            ("parameters while training", _fmt_int(report["params_training"])),
-            ("parameters after merge", _fmt_int(report["params_inference"]))]
-    if report["aligned_cores"]:
-        rows.append(("aligned auxiliary cores", f"{report['aligned_cores']} (skipped {report['skipped_cores']})"))
-    for k, v in (report.get("final_metrics") or {}).items():
-        rows.append((f"final dev {k}", f"{v:.4f}"))
-    if best.get("value") is not None:
-        rows.append((f"best dev {best['metric']}", f"{best['value']:.4f} (step {best['step']})"))
-    rows += [("best model", report["best_dir"]), ("last full checkpoint", str(report["checkpoint"]))]
-    for a, b in rows:
-        t.add_row(a, b)
-    _console().print(t)
-    _console().print(f"next: tdkd merge {report['best_dir']} -o student && tdkd eval student --data ...")
+    render.emit_json(report) if as_json else render.distill_summary(report, output)
 
 
 @app.command(epilog=_examples("tdkd recipes",
@@ -326,19 +203,13 @@ def recipes(
     force: bool = typer.Option(False, "--force", help="Replace an existing --copy target."),
 ):
     """List the built-in recipes, print one, or copy one out for editing."""
-    from . import checkpoint, recipe as recipe_mod
+    from . import checkpoint, recipe as recipe_mod, render
 
     if name is None:
         if copy is not None:
             raise _click_exc.UsageError("--copy needs a recipe NAME")
-        from rich.table import Table
-
-        t = Table(title=f"built-in recipes ({recipe_mod.builtin_dir()})")
-        t.add_column("name")
-        t.add_column("description")
-        for nm in recipe_mod.builtin_names():
-            t.add_row(nm, recipe_mod.describe(recipe_mod.builtin_dir() / f"{nm}.yaml"))
-        _console().print(t)
+        d = recipe_mod.builtin_dir()
+        render.recipes_table([(nm, recipe_mod.describe(d / f"{nm}.yaml")) for nm in recipe_mod.builtin_names()], d)
         return
     path = recipe_mod.resolve_path(name)
     recipe_mod.read(str(path))
@@ -348,7 +219,7 @@ def recipes(
         return
     checkpoint.check_output(copy, force)
     checkpoint.atomic_write_text(copy, text)
-    _console().print(f"copied {path.name} -> {copy}; run it with: tdkd distill --recipe {copy} -o RUN")
+    render.console().print(f"copied {path.name} -> {copy}; run it with: tdkd distill --recipe {copy} -o RUN")
 
 
 @app.command("eval", epilog=_examples("tdkd eval student --data ../shared/data/glue/SST-2 --task sst2",
@@ -371,29 +242,16 @@ def eval_(
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ):
     """Task metrics of a model on a data set (accuracy, F1, Matthews, Pearson/Spearman; top-1/top-5 for images)."""
-    from . import ops
+    from . import ops, render
 
-    progress = _progress("evaluating", enabled=not as_json and sys.stderr.isatty())
+    progress = render.progress("evaluating", enabled=not as_json and sys.stderr.isatty())
     with progress:
         bar = progress.add_task("", total=None)
         report = ops.evaluate_model(
             model, data, task=task, split=split, text_columns=text_column, label_column=label_column, tokenizer=tokenizer,
             batch_size=batch_size, max_length=max_length, device=device, limit=limit, predictions=predictions, init=init,
             on_total=lambda n: progress.update(bar, total=n), on_batch=lambda k: progress.update(bar, advance=k))
-    if as_json:
-        _emit_json(report)
-        return
-    from rich.table import Table
-
-    title = f"eval {model} on {report['task']} ({report['split']}, {report['examples']} examples)"
-    t = Table(title=title, min_width=min(len(title), 120))
-    t.add_column("metric")
-    t.add_column("value", justify="right")
-    for k, v in report["metrics"].items():
-        t.add_row(k, f"{v:.4f}")
-    _console().print(t)
-    if predictions:
-        _console().print(f"predictions -> {predictions}")
+    render.emit_json(report) if as_json else render.eval_report(report, model)
 
 
 @app.command(epilog=_examples("tdkd bench bert-base tinybert --init random --seq-len 128 --batch-size 8",
@@ -417,52 +275,23 @@ def bench(
 ):
     """Inference latency (median, p90, p99), throughput, parameters and memory, several models side by side."""
     from . import bench as bench_mod
-    from . import checkpoint, ops
+    from . import checkpoint, ops, render
 
     if output is not None:
         checkpoint.check_output(output, force=True)
     base = bench_mod.load_baseline(baseline) if baseline is not None else None
-    progress = _progress("benchmarking", enabled=not as_json and sys.stderr.isatty())
+    progress = render.progress("benchmarking", enabled=not as_json and sys.stderr.isatty())
     with progress:
         bar = progress.add_task("", total=iters)
         report = ops.bench_models(models, device=device, batch_size=batch_size, seq_len=seq_len, dtype=dtype,
                                   threads=threads, warmup=warmup, iters=iters, init=init,
                                   on_round=lambda: progress.update(bar, advance=1))
-    failed = []
-    if base is not None:
-        report["regression"] = {"baseline": str(baseline), "max_regression": max_regression, "gate": gate,
-                                "models": bench_mod.regression_check(report, base, max_regression, gate)}
-        failed = [r for r in report["regression"]["models"] if r["status"] == "regressed"]
-        report["regression"]["passed"] = not failed
+    failure = bench_mod.apply_gate(report, baseline, base, max_regression, gate) if base is not None else None
     if output is not None:
         checkpoint.atomic_write_text(output, json.dumps(report, indent=2) + "\n")
-    if as_json:
-        _emit_json(report)
-    else:
-        from rich.table import Table
-
-        st = report["settings"]
-        t = Table(title=f"bench on {st['device']} ({report['env']['threads']} threads), batch {st['batch_size']}, "
-                        f"seq {st['seq_len']}, {st['dtype']}, {st['iters']} iters")
-        for col in ("model", "params", "median ms", "p90 ms", "p99 ms", "items/s", "weights MB", "peak MB", "x latency", "speedup"):
-            t.add_column(col, justify="left" if col == "model" else "right")
-        for r in report["models"]:
-            t.add_row(r["name"], _fmt_int(r["params"]), f"{r['median_ms']:.2f}", f"{r['p90_ms']:.2f}", f"{r['p99_ms']:.2f}",
-                      f"{r['throughput_per_s']:.1f}", f"{r['weights_mb']:.1f}",
-                      "-" if r["peak_mem_mb"] is None else f"{r['peak_mem_mb']:.1f}",
-                      f"{r['latency_ratio']:.3f}", f"{r['speedup']:.2f}")
-        _console().print(t)
-        if base is not None:
-            for r in report["regression"]["models"]:
-                if r["status"] == "no baseline":
-                    _console().print(f"{r['name']}: no baseline entry")
-                else:
-                    _console().print(f"{r['name']}: {r['gate']} {r['baseline']:.4g} -> {r['current']:.4g} ({r['change']:+.1%}) {r['status']}")
-    if failed:
-        names = ", ".join(f"{r['name']} ({r['change']:+.1%})" for r in failed)
-        from .errors import VerificationError
-
-        raise VerificationError(f"performance regression over {max_regression:.0%} against {baseline}: {names}")
+    render.emit_json(report) if as_json else render.bench_report(report)
+    if failure is not None:
+        raise failure
 
 
 # ----------------------------------------------------------------------------------------------

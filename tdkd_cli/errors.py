@@ -26,3 +26,22 @@ class VerificationError(TdkdError):
     """A numerical check failed (e.g. a merged model does not match its MPO form)."""
 
     exit_code = 1
+
+
+class Interrupted(TdkdError):
+    """SIGINT/SIGTERM during training: a checkpoint was saved; exit code 130."""
+
+    exit_code = 130
+
+
+class TrainingDiverged(TdkdError):
+    """The loss or the gradient norm became NaN or infinite."""
+
+    exit_code = 1
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type name when it has none): what a
+    one-line error shows of a library's failure."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

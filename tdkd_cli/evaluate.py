@@ -47,49 +47,75 @@ def compute_metrics(names: Sequence[str], preds, labels, scores=None) -> dict[st
     return out
 
 
-def predict_text(model, tokenizer, texts: Sequence[tuple[str, ...]], batch_size: int, max_length: int,
-                 device: str = "cpu", on_batch: Callable[[int], None] | None = None):
-    """Logits for every example, in input order. Batches are grouped by length (less padding)."""
+def predictions(scores, regression: bool) -> list:
+    """Predicted labels from scores (N x C): the argmax, or the first output for regression."""
+    return scores[:, 0].tolist() if regression else scores.argmax(-1).tolist()
+
+
+def predict_encoded(model, enc, batch_size: int, device: str = "cpu", on_batch: Callable[[int], None] | None = None):
+    """Logits (N x C, float32, CPU) for every tokenized example (data.Encoded), in input order.
+    Batches are grouped by length (less padding); MPO weights are contracted once for all of them."""
     import torch
+
+    from . import data as data_mod
+    from . import tensorize
 
     if batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1 (got {batch_size})")
-    enc = [dict(tokenizer(*t, truncation=True, max_length=max_length)) for t in texts]
-    order = sorted(range(len(enc)), key=lambda i: len(enc[i]["input_ids"]))
-    out = [None] * len(enc)
+    order = sorted(range(len(enc)), key=lambda i: len(enc.input_ids[i]))
+    out = [None] * len(order)
+    was_training = model.training
     model.eval().to(device)
-    with torch.no_grad():
+    with torch.no_grad(), tensorize.RebuiltWeights(model, grad=False):
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
-            batch = tokenizer.pad([enc[i] for i in idx], return_tensors="pt")
-            # token_type_ids matter for sentence pairs (RTE, MRPC, ...): pass them when the tokenizer makes them
-            inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
-            logits = model(**inputs).logits
+            b = data_mod.collate(enc, idx, device)
+            # token_type_ids matter for sentence pairs (RTE, MRPC, ...): collate passes them when the tokenizer made them
+            inputs = {k: b[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in b}
+            logits = model(**inputs).logits.float().cpu()
             for j, i in enumerate(idx):
-                out[i] = logits[j].float().cpu()
+                out[i] = logits[j]
             if on_batch:
                 on_batch(len(idx))
+    model.train(was_training)
     return torch.stack(out)
 
 
 def predict_images(model, files, batch_size: int, device: str = "cpu", on_batch=None):
+    """Logits (N x C, float32, CPU) for image files, resized and normalised as the model expects."""
     import torch
 
+    from . import tensorize
     from .data import image_tensor
+    from .models import image_norm
 
-    from .models import image_input_size
-
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    size = image_input_size(model)[1:]
-    mean = cfg.get("mean", (0.485, 0.456, 0.406))
-    std = cfg.get("std", (0.229, 0.224, 0.225))
+    if batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1 (got {batch_size})")
+    size, mean, std = image_norm(model)
     outs = []
+    was_training = model.training
     model.eval().to(device)
-    with torch.no_grad():
+    with torch.no_grad(), tensorize.RebuiltWeights(model, grad=False):
         for start in range(0, len(files), batch_size):
             x = image_tensor(files[start:start + batch_size], size, mean, std).to(device)
             outs.append(model(x).float().cpu())
             if on_batch:
                 on_batch(x.shape[0])
+    model.train(was_training)
     return torch.cat(outs)
 
+
+def evaluate_text(model, enc, task, batch_size: int, device: str, on_batch=None) -> tuple[dict, object, list]:
+    """(metrics of the task, scores, predictions) on tokenized examples with labels."""
+    scores = predict_encoded(model, enc, batch_size, device, on_batch)
+    preds = predictions(scores, task.labels is None)
+    return compute_metrics(task.metrics, preds, list(enc.labels)), scores, preds
+
+
+def evaluate_images(model, images, batch_size: int, device: str, on_batch=None) -> tuple[dict, object, list]:
+    """(top-1/top-5, scores, predictions) on an image folder split (data.ImageData)."""
+    scores = predict_images(model, images.files, batch_size, device, on_batch)
+    if scores.shape[1] < len(images.classes):
+        raise UsageError(f"model has {scores.shape[1]} outputs but the data has {len(images.classes)} classes")
+    preds = predictions(scores, False)
+    return compute_metrics(["top1", "top5"], preds, images.labels, scores.numpy()), scores, preds

@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
+import re
 import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from . import checkpoint as ckpt
-from .errors import CheckpointError, TdkdError, UsageError
+from .errors import CheckpointError, TdkdError, UsageError, first_line
 
 BERT_COMMON = dict(
     model_type="bert", vocab_size=30522, max_position_embeddings=512, type_vocab_size=2,
@@ -53,11 +55,6 @@ def _hf():
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     return transformers
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
@@ -110,12 +107,12 @@ def load_hf_dir(path: Path, spec: str, num_labels: int | None = None, trust_remo
     except TdkdError:
         raise
     except Exception as exc:  # transformers raises many types for bad directories
-        raise CheckpointError(f"cannot load the model in {path}: {_first_line(exc)}") from None
+        raise CheckpointError(f"cannot load the model in {path}: {first_line(exc)}") from None
     tok = path if any((path / f).is_file() for f in ckpt.TOKENIZER_FILES) else None
     return Loaded(model.eval(), "hf", _hf_source(model, spec), tok)
 
 
-def _hf_from_config(config_dict: dict, num_labels: int | None, architecture: str | None = None):
+def hf_from_config(config_dict: dict, num_labels: int | None, architecture: str | None = None):
     tf = _hf()
     cfg = dict(config_dict)
     model_type = cfg.pop("model_type")
@@ -157,13 +154,9 @@ def load_timm(name: str, weights: Path | None, num_labels: int | None, init: str
     try:
         model = timm.create_model(name, pretrained=False, **kwargs)
     except TypeError as exc:
-        raise UsageError(f"bad arguments for timm model {name!r}: {_first_line(exc)}") from None
+        raise UsageError(f"bad arguments for timm model {name!r}: {first_line(exc)}") from None
     if weights is not None:
-        state = ckpt.load_tensors(Path(weights))
-        try:
-            model.load_state_dict(state, strict=True)
-        except RuntimeError as exc:
-            raise CheckpointError(f"{weights} does not fit timm model {name!r}: {_first_line(exc)}") from None
+        load_state_strict(model, ckpt.load_tensors(Path(weights)), f"{weights} does not fit timm model {name!r}")
     source = {"family": "timm", "spec": name, "model_name": name, "kwargs": kwargs}
     return Loaded(model.eval(), "timm", source, None)
 
@@ -234,7 +227,7 @@ def load_model(
             return load_timm(p["timm"], Path(weights) if weights else None, num_labels, init)
         labels = 2 if num_labels is None else num_labels
         if init == "random":
-            model = _hf_from_config(p["config"], labels)
+            model = hf_from_config(p["config"], labels)
             # bert-base, tinybert and minilm share the bert-base-uncased WordPiece vocabulary (30,522
             # tokens): the offline MiniLM package's tokenizer serves all three when installed
             tok = preset_dir("minilm") if p["config"].get("vocab_size") == 30522 else None
@@ -267,18 +260,84 @@ def _load_hub(hub: str, spec: str, num_labels: int | None, trust_remote_code: bo
             return Loaded(model.eval(), "hf", _hf_source(model, spec), None)
         except Exception as exc:
             if not local_only:
-                raise CheckpointError(f"cannot load {spec!r} from the hub: {_first_line(exc)}") from None
+                raise CheckpointError(f"cannot load {spec!r} from the hub: {first_line(exc)}") from None
     raise AssertionError("unreachable")
 
 
-def build_from_source(source: dict):
-    """A freshly initialised model of the architecture a manifest describes (no weights loaded)."""
+_SIZE_KEY = re.compile(r"(size|^num_|_layers$|heads$|^vocab|^max_position|_dim$|^dim$|^n_)")
+
+
+def _check_config_field(key: str, value: Any, default: Any, where: str) -> None:
+    """One field of a stored config against the type of the library's default for it."""
+    if isinstance(default, bool):
+        ok, kind = isinstance(value, bool), "true or false"
+    elif isinstance(default, int):
+        ok, kind = isinstance(value, int) and not isinstance(value, bool), "an integer"
+    elif isinstance(default, float):
+        ok, kind = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value), "a finite number"
+    elif isinstance(default, str):
+        ok, kind = isinstance(value, str), "a string"
+    elif isinstance(default, (list, tuple)):
+        ok, kind = isinstance(value, (list, tuple)), "a list"
+    elif isinstance(default, dict):
+        ok, kind = isinstance(value, dict), "an object"
+    else:
+        return
+    if not ok:
+        raise CheckpointError(f"{where}: source.config.{key} must be {kind} (got {value!r})")
+    if kind == "an integer" and default > 0 and _SIZE_KEY.search(key) and value < 1:
+        raise CheckpointError(f"{where}: source.config.{key} must be a positive integer (got {value!r})")
+
+
+def _build_hf(source: dict, where: str):
+    tf = _hf()
+    cfg = source["config"]
+    try:
+        defaults = tf.AutoConfig.for_model(cfg["model_type"])
+    except Exception:
+        raise CheckpointError(f"{where}: source.config.model_type {cfg['model_type']!r} is not a transformers model type") from None
+    for key, value in cfg.items():
+        _check_config_field(key, value, getattr(defaults, key, None), where)
+    try:
+        return hf_from_config(cfg, None, source["architecture"]).eval()
+    except TdkdError:
+        raise
+    except Exception as exc:  # transformers validates configs with many exception types
+        raise CheckpointError(f"{where}: source.config does not build a {source['architecture']}: {first_line(exc)}") from None
+
+
+def build_from_source(source: dict, where: Path | str = "manifest"):
+    """A freshly initialised model of the architecture a manifest describes (no weights loaded).
+    A source block that cannot describe a model (wrong types, zero sizes, unknown names) is a
+    CheckpointError naming ``where`` and the field."""
     if source["family"] == "hf":
-        return _hf_from_config(source["config"], None, source["architecture"]).eval()
+        return _build_hf(source, str(where))
     timm = _timm()
     if not timm.is_model(source["model_name"]):
-        raise CheckpointError(f"unknown timm model {source['model_name']!r} in manifest")
-    return timm.create_model(source["model_name"], pretrained=False, **source.get("kwargs", {})).eval()
+        raise CheckpointError(f"{where}: unknown timm model {source['model_name']!r} in source.model_name")
+    try:
+        return timm.create_model(source["model_name"], pretrained=False, **source.get("kwargs", {})).eval()
+    except Exception as exc:  # timm raises many types for bad keyword arguments
+        raise CheckpointError(f"{where}: source.kwargs do not build timm model {source['model_name']!r}: {first_line(exc)}") from None
+
+
+def load_state_strict(model, state: dict, what: str, error: type[TdkdError] = CheckpointError) -> None:
+    """``model.load_state_dict(state, strict=True)``; a mismatch is ``error`` with ``what: <reason>``."""
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise error(f"{what}: {first_line(exc)}") from None
+
+
+def load_tokenizer(tok_dir: Path | str):
+    """The tokenizer saved in a directory (AutoTokenizer: transformers 5 needs it, see DESIGN)."""
+    _hf()
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(tok_dir))
+    except Exception as exc:
+        raise UsageError(f"cannot load a tokenizer from {tok_dir}: {first_line(exc)}") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -295,15 +354,25 @@ def image_input_size(model) -> tuple[int, int, int]:
     return size
 
 
-def probe_inputs(model, family: str, batch: int = 2, seq_len: int = 16, seed: int = 0) -> dict:
+def image_norm(model) -> tuple[tuple[int, int], tuple, tuple]:
+    """(height, width), mean and std a timm model's inputs are resized and normalised with
+    (ImageNet statistics unless its pretrained_cfg says otherwise)."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return image_input_size(model)[1:], cfg.get("mean", (0.485, 0.456, 0.406)), cfg.get("std", (0.229, 0.224, 0.225))
+
+
+def probe_inputs(model, family: str, batch: int = 2, seq_len: int = 16, seed: int = 0, device: str = "cpu",
+                 dtype=None) -> dict:
+    """Seeded random inputs of the model's kind: token ids (with a full attention mask) or images
+    (``dtype`` applies to images; token ids stay integers)."""
     import torch
 
     g = torch.Generator().manual_seed(seed)
     if family == "hf":
         vocab = int(getattr(model.config, "vocab_size", 1000))
         ids = torch.randint(1, vocab, (batch, seq_len), generator=g)
-        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    return {"x": torch.randn((batch,) + image_input_size(model), generator=g)}
+        return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device)}
+    return {"x": torch.randn((batch,) + image_input_size(model), generator=g).to(device=device, dtype=dtype)}
 
 
 def forward_output(model, family: str, inputs: dict):
@@ -346,89 +415,3 @@ def load_dense_dir(path: Path) -> Loaded:
     if kind == "timm":
         return load_timm_dir(Path(path))
     raise CheckpointError(f"{path} is an MPO checkpoint, not a dense model")
-
-
-# ----------------------------------------------------------------------------------------------
-# Layer structure: counting, cutting a student from a deeper model
-# ----------------------------------------------------------------------------------------------
-_LAYER_LISTS = ("encoder.layer", "transformer.layer", "encoder.layers", "layers", "blocks")
-
-
-def layer_list(model) -> tuple[str, Any]:
-    """(dotted path, container) of the model's stack of transformer layers."""
-    from torch import nn
-
-    mods = dict(model.named_modules())
-    prefix = getattr(model, "base_model_prefix", "")
-    for rel in _LAYER_LISTS:
-        for path in ((f"{prefix}.{rel}" if prefix else rel), rel):
-            m = mods.get(path)
-            if isinstance(m, (nn.ModuleList, nn.Sequential)) and len(m) > 0:
-                return path, m
-    raise UsageError(f"cannot find the layer stack of {type(model).__name__} (looked for {', '.join(_LAYER_LISTS)})")
-
-
-def num_layers(model) -> int:
-    return len(layer_list(model)[1])
-
-
-def parse_layers(spec: str, total: int) -> list[int]:
-    """'0,1,2' | 'every-other' (1,3,5,...: every second layer, ending on the last) | 'first-K'."""
-    s = spec.strip().lower()
-    if s in ("every-other", "every_other", "alternate"):
-        keep = list(range(1, total, 2)) or [0]
-    elif s.startswith("first-"):
-        try:
-            k = int(s[6:])
-        except ValueError:
-            raise UsageError(f"layers {spec!r}: expected first-K, e.g. first-3") from None
-        keep = list(range(k))
-    else:
-        try:
-            keep = [int(x) for x in s.split(",") if x.strip() != ""]
-        except ValueError:
-            raise UsageError(f"layers {spec!r}: expected indices like 0,1,2 or 'every-other'") from None
-    if not keep:
-        raise UsageError(f"layers {spec!r} keeps no layer")
-    bad = [i for i in keep if not 0 <= i < total]
-    if bad:
-        raise UsageError(f"layers {spec!r}: layer {bad[0]} does not exist (the model has {total}: 0..{total - 1})")
-    if len(set(keep)) != len(keep):
-        raise UsageError(f"layers {spec!r} names a layer twice")
-    return keep
-
-
-def cut_layers(loaded: Loaded, spec: str) -> Loaded:
-    """A new model keeping only some layers of ``loaded`` (weights copied, layers renumbered),
-    with a config/source describing the smaller architecture so manifests rebuild it offline."""
-    import copy
-    import re
-
-    model = loaded.model
-    path, stack = layer_list(model)
-    keep = parse_layers(spec, len(stack))
-    new_index = {old: new for new, old in enumerate(keep)}
-    pat = re.compile(rf"^{re.escape(path)}\.(\d+)\.(.*)$")
-    state = {}
-    for key, value in model.state_dict().items():
-        m = pat.match(key)
-        if m is None:
-            state[key] = value
-        elif int(m[1]) in new_index:
-            state[f"{path}.{new_index[int(m[1])]}.{m[2]}"] = value
-    source = copy.deepcopy(loaded.source)
-    if loaded.family == "hf":
-        cfg = source["config"]
-        for k in ("num_hidden_layers", "n_layers", "num_layers"):
-            if k in cfg:
-                cfg[k] = len(keep)
-        new = _hf_from_config(cfg, None, source["architecture"])
-    else:
-        source["kwargs"] = dict(source.get("kwargs", {}), depth=len(keep))
-        new = build_from_source(source)
-    try:
-        new.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise UsageError(f"cannot cut layers {spec!r} from this model: {_first_line(exc)}") from None
-    source["spec"] = f"{loaded.source.get('spec')}[layers {','.join(map(str, keep))}]"
-    return Loaded(new.eval(), loaded.family, source, loaded.tokenizer_dir)

@@ -9,30 +9,11 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from . import checkpoint as ckpt
+from . import layers as layers_mod
 from . import models, mpo, tensorize
-from .errors import CheckpointError, UsageError, VerificationError
-
-from . import __version__
-
-
-def parse_shapes(specs: Sequence[str]) -> dict[int, tuple[int, ...]]:
-    """'768=32,1,1,1,24' -> {768: (32,1,1,1,24)}; repeatable."""
-    out: dict[int, tuple[int, ...]] = {}
-    for spec in specs:
-        dim, sep, facs = spec.partition("=")
-        try:
-            if not sep:
-                raise ValueError
-            d = int(dim)
-            f = tuple(int(x) for x in facs.split(","))
-        except ValueError:
-            raise UsageError(f"--shapes {spec!r}: expected DIM=F1,F2,... e.g. 768=32,1,1,1,24") from None
-        out[d] = mpo.check_factors(d, f)
-    return out
-
-
-def _dtype_name(t) -> str:
-    return str(t.dtype).replace("torch.", "")
+from .distributed import resolve_device
+from .errors import UsageError, VerificationError
+from .model_files import dtype_name, load_any, load_mpo_model, write_model_files
 
 
 def model_param_count(model) -> int:
@@ -64,11 +45,11 @@ def decompose_model(
         raise UsageError(f"--n must be at least 2 (got {n})")
     if rank is not None and rank < 1:
         raise UsageError(f"--rank must be at least 1 (got {rank})")
-    shape_map = parse_shapes(shapes)
+    shape_map = tensorize.parse_shapes(shapes)
     loaded = models.load_model(spec, weights=weights, init=init, num_labels=num_labels,
                                trust_remote_code=trust_remote_code, seed=seed)
     if layers:
-        loaded = models.cut_layers(loaded, layers)
+        loaded = layers_mod.cut_layers(loaded, layers)
     model = loaded.model
     patterns = list(targets) if targets else list(tensorize.default_targets(model, loaded.family))
     names = tensorize.select_targets(model, patterns)
@@ -90,7 +71,7 @@ def decompose_model(
         layers.append({
             "name": p.name, "out_features": p.out_features, "in_features": p.in_features,
             "out_shape": list(p.out_shape), "in_shape": list(p.in_shape), "bonds": p.bonds,
-            "central": p.central, "dtype": _dtype_name(cores[0]),
+            "central": p.central, "dtype": dtype_name(cores[0]),
             "dense_params": p.dense_params, "mpo_params": p.mpo_params, "rel_error": err,
         })
     mpo_out = models.forward_output(model, loaded.family, probe)
@@ -111,80 +92,6 @@ def decompose_model(
             "output_max_abs_diff": logit_diff,
         },
     }
-
-
-def write_model_files(directory: Path, model, source: dict, tokenizer_dir: Path | None, *, n: int | None = None,
-                      rank: int | None = None, extra: dict | None = None) -> list[str]:
-    """Write a model in tdkd's checkpoint format into ``directory``: model.safetensors (cores under
-    ``<layer>.mpo_core.<k>``, every other tensor under its state_dict name), the tdkd.json
-    manifest, and tokenizer files. A model without MPO layers gives a manifest with no layers.
-    Returns the tokenizer files copied."""
-    import json
-
-    directory = Path(directory)
-    modules = tensorize.mpo_modules(model)
-    tensors = {}
-    for key, value in model.state_dict().items():
-        if ".parametrizations.weight.original" in key:
-            continue
-        tensors[key] = value
-    layers = {}
-    for name, module in modules.items():
-        plan = tensorize.layer_plan(module)
-        cores = tensorize.layer_cores(module)
-        for k, c in enumerate(cores):
-            tensors[ckpt.core_key(name, k)] = c
-        layers[name] = {"out_features": plan.out_features, "in_features": plan.in_features,
-                        "out_shape": list(plan.out_shape), "in_shape": list(plan.in_shape),
-                        "bonds": [1] + [int(c.shape[-1]) for c in cores], "central": plan.central,
-                        "dtype": _dtype_name(cores[0])}
-    ckpt.save_tensors(tensors, directory / ckpt.TENSORS, metadata={"format": "pt", "tdkd": ckpt.FORMAT})
-    manifest = {
-        "format": ckpt.FORMAT, "format_version": ckpt.FORMAT_VERSION, "tdkd_version": __version__,
-        "source": dict(source), "n": n, "rank": rank,
-        "tensors": {"file": ckpt.TENSORS, "sha256": ckpt.sha256_file(directory / ckpt.TENSORS)},
-        "layers": layers,
-    }
-    if extra:
-        manifest.update(extra)
-    (directory / ckpt.MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
-    return ckpt.copy_tokenizer_files(tokenizer_dir, directory)
-
-
-def load_mpo_model(path: Path):
-    """(Loaded, manifest) for an MPO checkpoint directory: architecture rebuilt from the manifest,
-    cores attached, all tensors loaded with strict key checking."""
-    import torch
-
-    manifest, tensors = ckpt.load_mpo_checkpoint(Path(path))
-    model = models.build_from_source(manifest["source"])
-    modules = dict(model.named_modules())
-    plans = []
-    for name, L in manifest["layers"].items():
-        mod = modules.get(name)
-        if not isinstance(mod, torch.nn.Linear) or tuple(mod.weight.shape) != (L["out_features"], L["in_features"]):
-            raise CheckpointError(f"{path}: layer {name} is not a {L['out_features']}x{L['in_features']} Linear of the model")
-        plans.append(tensorize.LayerPlan(name, L["out_features"], L["in_features"], tuple(L["out_shape"]),
-                                         tuple(L["in_shape"]), None, list(L["bonds"])))
-    tensorize.tensorize(model, plans, empty=True)
-    state = {}
-    for key, value in tensors.items():
-        layer, sep, k = key.rpartition(".mpo_core.")
-        state[f"{layer}.parametrizations.weight.original{k}" if sep else key] = value
-    expected = set(model.state_dict().keys())
-    missing = sorted(expected - set(state))
-    unexpected = sorted(set(state) - expected)
-    # HF models may hold non-persistent or tied entries; only tensors the model declares matter.
-    if unexpected:
-        raise CheckpointError(f"{path}: unexpected tensor {unexpected[0]} ({len(unexpected)} in all)")
-    if missing:
-        raise CheckpointError(f"{path}: missing tensor {missing[0]} ({len(missing)} in all)")
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise CheckpointError(f"{path}: tensors do not fit the model: {str(exc).splitlines()[0]}") from None
-    tok = Path(path) if any((Path(path) / f).is_file() for f in ckpt.TOKENIZER_FILES) else None
-    return models.Loaded(model.eval(), manifest["source"]["family"], manifest["source"], tok), manifest
 
 
 def merge_checkpoint(src: Path, out: Path, *, tolerance: float = 1e-4, force: bool = False) -> dict:
@@ -229,25 +136,16 @@ def merge_checkpoint(src: Path, out: Path, *, tolerance: float = 1e-4, force: bo
 # ----------------------------------------------------------------------------------------------
 # eval and bench
 # ----------------------------------------------------------------------------------------------
-def load_any(spec: str, *, init: str = "pretrained", num_labels: int | None = None, weights: str | None = None,
-             seed: int = 0, trust_remote_code: bool = False) -> models.Loaded:
-    """Any model tdkd understands: an MPO checkpoint directory, or whatever models.load_model takes."""
-    p = Path(spec).expanduser()
-    if p.is_dir() and ckpt.detect_kind(p) == "mpo":
-        return load_mpo_model(p)[0]
-    return models.load_model(spec, weights=weights, init=init, num_labels=num_labels,
-                             trust_remote_code=trust_remote_code, seed=seed)
-
-
 def evaluate_model(
     spec: str, data: Path, *, task: str | None = None, split: str = "dev", text_columns: Sequence[str] | None = None,
     label_column: str | None = None, tokenizer: str | None = None, batch_size: int = 64, max_length: int = 128,
     device: str = "cpu", limit: int | None = None, predictions: Path | None = None, init: str = "pretrained",
     seed: int = 0, on_total: Callable | None = None, on_batch: Callable | None = None,
 ) -> dict:
-    from . import bench, data as data_mod, evaluate
+    """Task metrics of a model on a split; the same evaluation `tdkd distill` runs on its dev set."""
+    from . import data as data_mod, evaluate
 
-    device = bench.resolve_device(device)
+    device = resolve_device(device)
     if limit is not None and limit < 1:
         raise UsageError(f"--limit must be at least 1 (got {limit})")
     if predictions is not None:
@@ -261,12 +159,7 @@ def evaluate_model(
             images.files, images.labels = images.files[:limit], images.labels[:limit]
         if on_total:
             on_total(len(images))
-        scores = evaluate.predict_images(loaded.model, images.files, batch_size, device, on_batch)
-        if scores.shape[1] < len(images.classes):
-            raise UsageError(f"model has {scores.shape[1]} outputs but the data has {len(images.classes)} classes")
-        preds = scores.argmax(-1).tolist()
-        names = ["top1", "top5"]
-        metrics = evaluate.compute_metrics(names, preds, images.labels, scores.numpy())
+        metrics, scores, preds = evaluate.evaluate_images(loaded.model, images, batch_size, device, on_batch)
         labels, ex_labels = images.labels, images.classes
         task_name, n_examples, path = "images", len(images), images.path
     else:
@@ -278,34 +171,28 @@ def evaluate_model(
         tok_dir = tokenizer or loaded.tokenizer_dir
         if tok_dir is None:
             raise UsageError(f"{spec} has no tokenizer files; pass --tokenizer DIR")
-        from transformers import AutoTokenizer
-
-        try:
-            tok = AutoTokenizer.from_pretrained(str(tok_dir))
-        except Exception as exc:
-            raise UsageError(f"cannot load a tokenizer from {tok_dir}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        enc = data_mod.encode(text, models.load_tokenizer(tok_dir), max_length, Path(tok_dir))
         if on_total:
             on_total(len(text))
-        scores = evaluate.predict_text(loaded.model, tok, text.texts, batch_size, max_length, device, on_batch)
-        if text.task.labels is None:
-            preds = scores[:, 0].tolist()
-        else:
-            preds = scores.argmax(-1).tolist()
-        metrics = evaluate.compute_metrics(text.task.metrics, preds, text.labels)
+        metrics, scores, preds = evaluate.evaluate_text(loaded.model, enc, text.task, batch_size, device, on_batch)
         labels, ex_labels = text.labels, text.label_names
         task_name, n_examples, path = text.task.name, len(text), text.path
     if predictions is not None:
-        import json
-
-        lines = []
-        for i, (y, p) in enumerate(zip(labels, preds)):
-            rec = {"index": i, "label": y, "prediction": p, "scores": [round(float(s), 6) for s in scores[i].tolist()]}
-            if ex_labels is not None and isinstance(p, int):
-                rec["label_name"], rec["prediction_name"] = ex_labels[y], ex_labels[p]
-            lines.append(json.dumps(rec))
-        ckpt.atomic_write_text(Path(predictions), "\n".join(lines) + "\n")
+        _write_predictions(Path(predictions), labels, preds, scores, ex_labels)
     return {"model": spec, "data": str(path), "task": task_name, "split": split, "examples": n_examples,
             "metrics": metrics, "predictions": str(predictions) if predictions else None}
+
+
+def _write_predictions(path: Path, labels, preds, scores, label_names) -> None:
+    import json
+
+    lines = []
+    for i, (y, p) in enumerate(zip(labels, preds)):
+        rec = {"index": i, "label": y, "prediction": p, "scores": [round(float(s), 6) for s in scores[i].tolist()]}
+        if label_names is not None and isinstance(p, int):
+            rec["label_name"], rec["prediction_name"] = label_names[y], label_names[p]
+        lines.append(json.dumps(rec))
+    ckpt.atomic_write_text(path, "\n".join(lines) + "\n")
 
 
 def bench_models(specs: Sequence[str], *, device: str = "cpu", batch_size: int = 8, seq_len: int = 128,
@@ -315,7 +202,7 @@ def bench_models(specs: Sequence[str], *, device: str = "cpu", batch_size: int =
 
     if not specs:
         raise UsageError("give at least one MODEL to benchmark")
-    device = bench.resolve_device(device)
+    device = resolve_device(device)
     if dtype not in bench.DTYPES:
         raise UsageError(f"--dtype must be one of {', '.join(bench.DTYPES)} (got {dtype!r})")
     loaded = []

@@ -9,64 +9,93 @@ that names code to run.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from .errors import UsageError
 
+
+def _key(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A resolved recipe: every setting of a `tdkd distill` run, typed and immutable.
+
+    Each field is a recipe key and a `tdkd distill` option (``grad_accum`` <-> ``--grad-accum``);
+    None means "not set". ``SCHEMA`` below is derived from these fields."""
+
+    description: str | None = _key(None, 'One line saying what the recipe is for (shown by `tdkd recipes`).')
+    # models
+    teacher: str | None = _key(None, "Teacher: HF directory or hub name, preset, timm name, MPO checkpoint, or 'none' (fine-tune without a teacher).")
+    student: str | None = _key(None, 'Student: HF directory or hub name, preset, timm name, or a `tdkd decompose` output. Default: cut from the teacher (with student_layers).')
+    student_layers: str | None = _key(None, "Keep only these encoder layers of the student, e.g. '0,1,2' or 'every-other' (cuts a student from a deeper model).")
+    init: str = _key('pretrained', 'pretrained | random (presets build offline from their config: smoke tests).')
+    student_weights: str | None = _key(None, 'safetensors weights for a timm student.')
+    teacher_weights: str | None = _key(None, 'safetensors weights for a timm teacher.')
+    tokenizer: str | None = _key(None, 'Tokenizer directory when neither model directory has one.')
+    # data
+    data: str | None = _key(None, 'Task directory (train.tsv, dev.tsv), a .tsv/.csv/.jsonl file, an image folder, or builtin:sst2-sample.')
+    task: str | None = _key(None, 'sst2, rte, mrpc, cola, stsb, qnli, qqp, mnli. Default: guessed from the data path.')
+    text_columns: tuple[str, ...] | None = _key(None, 'Text column(s) of a generic CSV/JSONL file (two for sentence pairs).')
+    label_column: str | None = _key(None, 'Label column of a generic CSV/JSONL file.')
+    train_split: str = _key('train', 'Training split of a task directory.')
+    dev_split: str = _key('dev', "Evaluation split of a task directory ('none' to skip evaluation).")
+    train_limit: int | None = _key(None, 'Use only the first N training examples.')
+    dev_limit: int | None = _key(None, 'Use only the first N evaluation examples.')
+    max_length: int = _key(128, 'Truncate token sequences to this length.')
+    # over-parameterization
+    mpo: bool = _key(True, 'Train the student in MPO form (over-parameterized); a dense student is decomposed on the fly.')
+    n: int = _key(5, 'MPO cores per matrix when decomposing on the fly (the paper uses 5).')
+    targets: tuple[str, ...] | None = _key(None, 'Glob patterns of Linear layers to decompose (default per model family).')
+    shapes: tuple[str, ...] | None = _key(None, "Explicit factor shapes, e.g. ['768=32,1,1,1,24'].")
+    # losses
+    alpha: float = _key(1.0, 'Weight of logit KD; cross-entropy on labels gets 1 - alpha (ignored without a teacher).')
+    temperature: float = _key(1.0, 'KD temperature T (the loss carries the T^2 factor).')
+    layer_map: str | None = _key(None, "Teacher layer paired with each student layer by the hidden, attention and tensor-constraint losses, e.g. '0,1,2' (default 'uniform': teacher layer ceil((i+1)L_T/L_S)-1).")
+    hidden_weight: float = _key(0.0, 'Weight of the hidden-state MSE (student layer i vs its layer_map partner).')
+    attention_weight: float = _key(0.0, 'Weight of the attention-map MSE (same layer map; heads must match).')
+    tensor_lambda: float = _key(0.0, 'Weight lambda of the OPDF tensor constraint loss on the auxiliary cores.')
+    # optimisation
+    lr: float = _key(5e-05, 'AdamW learning rate of the dense parameters.')
+    mpo_lr: float | None = _key(None, 'Learning rate of the MPO cores (default: lr).')
+    weight_decay: float = _key(0.01, 'AdamW weight decay of dense weight matrices (biases, norms and cores: none).')
+    warmup_ratio: float = _key(0.0, 'Linear warm-up over this fraction of the steps, then linear decay to 0.')
+    batch_size: int = _key(32, 'Examples per micro-batch (per process).')
+    grad_accum: int = _key(1, 'Micro-batches per optimizer step.')
+    epochs: float = _key(3.0, 'Passes over the training data (ignored when max_steps is set).')
+    max_steps: int | None = _key(None, 'Optimizer steps to train (overrides epochs).')
+    max_grad_norm: float = _key(1.0, 'Clip the global gradient norm to this (0: no clipping).')
+    seed: int = _key(42, 'Seed of initialisation, data order and dropout.')
+    # bookkeeping
+    eval_every: int = _key(0, 'Evaluate on the dev set every N steps (0: only at the end).')
+    save_every: int = _key(0, 'Write a full-state checkpoint every N steps (0: only at the end).')
+    keep_last: int = _key(2, 'Full-state checkpoints kept (plus the best model).')
+    log_every: int = _key(10, 'Write averaged losses to metrics.jsonl every N steps.')
+    eval_batch_size: int = _key(64, 'Examples per forward pass during evaluation.')
+    device: str = _key('auto', 'auto | cpu | cuda.')
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "Recipe":
+        """From a validated mapping of every key (lists become tuples)."""
+        return cls(**{k: tuple(v) if SCHEMA[k][0] == "list" and v is not None else v for k, v in values.items()})
+
+    def as_dict(self) -> dict[str, Any]:
+        """Every key in schema order, lists as lists (what recipe.yaml stores)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in ((f.name, getattr(self, f.name)) for f in fields(self))}
+
+
+def _kind(annotation: str) -> str:
+    base = annotation.split("|")[0].strip()
+    return "list" if base.startswith("tuple") else base
+
+
 # key: (type, default, help). Types: "str", "int", "float", "bool", "list" (of strings).
 # A None default means "not set"; such keys also accept null in a recipe.
-SCHEMA: dict[str, tuple[str, Any, str]] = {
-    "description": ("str", None, "One line saying what the recipe is for (shown by `tdkd recipes`)."),
-    # models
-    "teacher": ("str", None, "Teacher: HF directory or hub name, preset, timm name, MPO checkpoint, or 'none' (fine-tune without a teacher)."),
-    "student": ("str", None, "Student: HF directory or hub name, preset, timm name, or a `tdkd decompose` output. Default: cut from the teacher (with student_layers)."),
-    "student_layers": ("str", None, "Keep only these encoder layers of the student, e.g. '0,1,2' or 'every-other' (cuts a student from a deeper model)."),
-    "init": ("str", "pretrained", "pretrained | random (presets build offline from their config: smoke tests)."),
-    "student_weights": ("str", None, "safetensors weights for a timm student."),
-    "teacher_weights": ("str", None, "safetensors weights for a timm teacher."),
-    "tokenizer": ("str", None, "Tokenizer directory when neither model directory has one."),
-    # data
-    "data": ("str", None, "Task directory (train.tsv, dev.tsv), a .tsv/.csv/.jsonl file, an image folder, or builtin:sst2-sample."),
-    "task": ("str", None, "sst2, rte, mrpc, cola, stsb, qnli, qqp, mnli. Default: guessed from the data path."),
-    "text_columns": ("list", None, "Text column(s) of a generic CSV/JSONL file (two for sentence pairs)."),
-    "label_column": ("str", None, "Label column of a generic CSV/JSONL file."),
-    "train_split": ("str", "train", "Training split of a task directory."),
-    "dev_split": ("str", "dev", "Evaluation split of a task directory ('none' to skip evaluation)."),
-    "train_limit": ("int", None, "Use only the first N training examples."),
-    "dev_limit": ("int", None, "Use only the first N evaluation examples."),
-    "max_length": ("int", 128, "Truncate token sequences to this length."),
-    # over-parameterization
-    "mpo": ("bool", True, "Train the student in MPO form (over-parameterized); a dense student is decomposed on the fly."),
-    "n": ("int", 5, "MPO cores per matrix when decomposing on the fly (the paper uses 5)."),
-    "targets": ("list", None, "Glob patterns of Linear layers to decompose (default per model family)."),
-    "shapes": ("list", None, "Explicit factor shapes, e.g. ['768=32,1,1,1,24']."),
-    # losses
-    "alpha": ("float", 1.0, "Weight of logit KD; cross-entropy on labels gets 1 - alpha (ignored without a teacher)."),
-    "temperature": ("float", 1.0, "KD temperature T (the loss carries the T^2 factor)."),
-    "layer_map": ("str", None, "Teacher layer paired with each student layer by the hidden, attention and tensor-constraint losses, e.g. '0,1,2' (default 'uniform': teacher layer ceil((i+1)L_T/L_S)-1)."),
-    "hidden_weight": ("float", 0.0, "Weight of the hidden-state MSE (student layer i vs its layer_map partner)."),
-    "attention_weight": ("float", 0.0, "Weight of the attention-map MSE (same layer map; heads must match)."),
-    "tensor_lambda": ("float", 0.0, "Weight lambda of the OPDF tensor constraint loss on the auxiliary cores."),
-    # optimisation
-    "lr": ("float", 5e-5, "AdamW learning rate of the dense parameters."),
-    "mpo_lr": ("float", None, "Learning rate of the MPO cores (default: lr)."),
-    "weight_decay": ("float", 0.01, "AdamW weight decay of dense weight matrices (biases, norms and cores: none)."),
-    "warmup_ratio": ("float", 0.0, "Linear warm-up over this fraction of the steps, then linear decay to 0."),
-    "batch_size": ("int", 32, "Examples per micro-batch (per process)."),
-    "grad_accum": ("int", 1, "Micro-batches per optimizer step."),
-    "epochs": ("float", 3.0, "Passes over the training data (ignored when max_steps is set)."),
-    "max_steps": ("int", None, "Optimizer steps to train (overrides epochs)."),
-    "max_grad_norm": ("float", 1.0, "Clip the global gradient norm to this (0: no clipping)."),
-    "seed": ("int", 42, "Seed of initialisation, data order and dropout."),
-    # bookkeeping
-    "eval_every": ("int", 0, "Evaluate on the dev set every N steps (0: only at the end)."),
-    "save_every": ("int", 0, "Write a full-state checkpoint every N steps (0: only at the end)."),
-    "keep_last": ("int", 2, "Full-state checkpoints kept (plus the best model)."),
-    "log_every": ("int", 10, "Write averaged losses to metrics.jsonl every N steps."),
-    "eval_batch_size": ("int", 64, "Examples per forward pass during evaluation."),
-    "device": ("str", "auto", "auto | cpu | cuda."),
-}
+SCHEMA: dict[str, tuple[str, Any, str]] = {f.name: (_kind(f.type), f.default, f.metadata["help"]) for f in fields(Recipe)}
+KEYS = tuple(SCHEMA)
 
 # Keys that may change when a run is resumed (they do not change what is computed).
 RESUMABLE_CHANGES = {"device", "log_every", "eval_batch_size", "description", "keep_last"}
@@ -119,7 +148,9 @@ def validate(values: dict[str, Any], where: str) -> dict[str, Any]:
     return out
 
 
-def check_ranges(r: dict[str, Any]) -> None:
+def check_ranges(rec: Recipe) -> None:
+    """Value ranges of a resolved recipe (UsageError naming the key)."""
+    r = rec.as_dict()
     def need(cond: bool, msg: str):
         if not cond:
             raise UsageError(msg)
@@ -198,7 +229,7 @@ def read(spec: str) -> dict[str, Any]:
 
 
 def resolve(recipe_spec: str | None, overrides: dict[str, Any]) -> dict[str, Any]:
-    """defaults < recipe file < command-line overrides, validated."""
+    """defaults < recipe file < command-line overrides, validated (a mapping of every key)."""
     r = defaults()
     if recipe_spec:
         r.update(read(recipe_spec))
@@ -206,10 +237,36 @@ def resolve(recipe_spec: str | None, overrides: dict[str, Any]) -> dict[str, Any
     return r
 
 
-def dump(r: dict[str, Any]) -> str:
+def build(recipe_spec: str | None, overrides: dict[str, Any]) -> tuple[Recipe, set[str]]:
+    """(the resolved Recipe, the keys the user set in the recipe file or on the command line).
+    ``overrides``: command-line values by key, None where an option was not given."""
+    explicit = {k for k, v in overrides.items() if v is not None}
+    if recipe_spec:
+        explicit |= set(read(recipe_spec))
+    return Recipe.from_dict(resolve(recipe_spec, overrides)), explicit
+
+
+def for_resume(stored: dict[str, Any], given: Recipe, explicit: set[str], where: str) -> Recipe:
+    """The recipe a resumed run continues: the stored one, where the user may change only
+    ``RESUMABLE_CHANGES``; any other key set to a different value is a UsageError."""
+    merged = dict(defaults(), **validate(stored, where))
+    now = given.as_dict()
+    changed = [k for k in SCHEMA if k in explicit and k not in RESUMABLE_CHANGES and now.get(k) != merged.get(k)]
+    if changed:
+        k = changed[0]
+        raise UsageError(f"--resume continues the recipe stored in {where}; {k} differs "
+                         f"(stored {merged.get(k)!r}, given {now.get(k)!r})")
+    for k in RESUMABLE_CHANGES & explicit:
+        merged[k] = now[k]
+    rec = Recipe.from_dict(merged)
+    check_ranges(rec)
+    return rec
+
+
+def dump(r: Recipe) -> str:
     import yaml
 
-    return yaml.safe_dump({k: r[k] for k in SCHEMA}, sort_keys=False, default_flow_style=False)
+    return yaml.safe_dump(r.as_dict(), sort_keys=False, default_flow_style=False)
 
 
 def describe(path: Path) -> str:

@@ -88,6 +88,22 @@ class LayerPlan:
         return mpo.num_params(self.out_shape, self.in_shape, self.bonds or mpo.full_bonds(self.out_shape, self.in_shape, self.rank))
 
 
+def parse_shapes(specs: Sequence[str]) -> dict[int, tuple[int, ...]]:
+    """'768=32,1,1,1,24' -> {768: (32,1,1,1,24)}; repeatable."""
+    out: dict[int, tuple[int, ...]] = {}
+    for spec in specs:
+        dim, sep, facs = spec.partition("=")
+        try:
+            if not sep:
+                raise ValueError
+            d = int(dim)
+            f = tuple(int(x) for x in facs.split(","))
+        except ValueError:
+            raise UsageError(f"--shapes {spec!r}: expected DIM=F1,F2,... e.g. 768=32,1,1,1,24") from None
+        out[d] = mpo.check_factors(d, f)
+    return out
+
+
 def select_targets(model: nn.Module, patterns: Sequence[str]) -> list[str]:
     """Names of the nn.Linear modules matching any pattern; every pattern must match something."""
     linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
@@ -179,6 +195,22 @@ def layer_cores(module: nn.Module) -> list[nn.Parameter]:
         cores.append(getattr(pw, f"original{k}"))
         k += 1
     return cores
+
+
+def parametrized_key(checkpoint_key: str) -> str:
+    """state_dict key of a tensor stored in a tdkd checkpoint: cores are stored as
+    ``<layer>.mpo_core.<k>`` (checkpoint.core_key) and live at
+    ``<layer>.parametrizations.weight.original<k>``; every other key is the same."""
+    layer, sep, k = checkpoint_key.rpartition(".mpo_core.")
+    return f"{layer}.parametrizations.weight.original{k}" if sep else checkpoint_key
+
+
+def dense_param_count(model: nn.Module) -> int:
+    """Parameters of the model once merged: dense weights counted in place of their cores."""
+    total = sum(p.numel() for p in model.parameters())
+    for mod in mpo_modules(model).values():
+        total += layer_plan(mod).dense_params - sum(c.numel() for c in layer_cores(mod))
+    return total
 
 
 def layer_plan(module: nn.Module) -> LayerPlan:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tdkd_cli import mpo, ops, recipe, tensorize, train
+from tdkd_cli import model_files, mpo, ops, pair, recipe, run_dir, tensorize
 
 from .helpers import (NEG, NEU, POS, bert_classifier, digits_folder, run_cli, sentiment_task, tiny_pair, tiny_vit_dir,
                       wordpiece_tokenizer)
@@ -115,7 +115,7 @@ def test_short_run_lowers_training_loss_and_writes_a_run_directory(setup, capsys
     assert (recs[-1]["loss"] + recs[-2]["loss"]) / 2 < 0.5 * recs[0]["loss"], recs
     assert report["params_training"] > report["params_inference"]
     # last K full-state checkpoints kept, plus best/
-    assert [p.name for p in train.checkpoint_dirs(run)] == ["step-0000075", "step-0000100"]
+    assert [p.name for p in run_dir.checkpoint_dirs(run)] == ["step-0000075", "step-0000100"]
     assert (run / "best" / "tdkd.json").is_file() and (run / "recipe.yaml").is_file()
     stored = recipe.read(str(run / "recipe.yaml"))
     assert stored["max_steps"] == 100 and stored["teacher"] == "none"
@@ -142,7 +142,7 @@ def test_resume_from_mid_run_checkpoint_is_bitwise_identical(setup, capsys):
     rc, _, err = run_cli(base_args(task, part, *args), capsys)
     assert rc == 0, err
     # forget everything after step 4, as if the run had been killed there
-    for p in train.checkpoint_dirs(part):
+    for p in run_dir.checkpoint_dirs(part):
         if p.name != "step-0000004":
             import shutil
 
@@ -182,7 +182,7 @@ def test_distill_checkpoint_merges_and_evals(setup, capsys):
     rc, out, err = run_cli(base_args(task, run, "--teacher", str(teacher), "--student-layers", "0,1", "--n", "3",
                                      "--tensor-lambda", "1e-3", "--max-steps", "6", "--json"), capsys)
     assert rc == 0, err
-    ck = train.checkpoint_dirs(run)[-1]
+    ck = run_dir.checkpoint_dirs(run)[-1]
     rc, out, err = run_cli(["merge", str(ck), "-o", str(d / "kd-merged"), "--json"], capsys)
     assert rc == 0, err
     assert json.loads(out)["layers"] == 12
@@ -208,9 +208,9 @@ def test_tensor_constraint_moves_student_cores_towards_teacher(setup, capsys):
         rc, _, err = run_cli(base_args(task, run, "--teacher", str(teacher), "--student-layers", "0,1", "--n", "3",
                                        "--tensor-lambda", lam, "--max-steps", "8", "--dev-split", "none", "--json"), capsys)
         assert rc == 0, err
-        loaded, _ = ops.load_mpo_model(train.checkpoint_dirs(run)[-1])
+        loaded, _ = model_files.load_mpo_model(run_dir.checkpoint_dirs(run)[-1])
         t = models.load_model(str(teacher)).model
-        t_cores, pairs = train.teacher_cores(loaded.model, t, train.Reporter())
+        t_cores, pairs = pair.teacher_cores(loaded.model, t, pair.Reporter())
         s_cores = {n: tensorize.layer_cores(m) for n, m in tensorize.mpo_modules(loaded.model).items()}
         dist[lam] = float(sum(((s_cores[p.student][k] - t_cores[p.teacher][k]) ** 2).sum() for p in pairs for k in p.cores).detach())
     assert dist["10"] < dist["0"]
@@ -344,8 +344,8 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(setup, tmp_path, capsys):
                                    "--weight-decay", "0"), capsys)
     assert rc == 1 and ("NaN" in err or "infinite" in err) and "last good checkpoint" in err, err
     assert len(err.strip().splitlines()) == 1
-    kept = train.checkpoint_dirs(run)
-    assert kept and all(train.check_complete(p) for p in kept)
+    kept = run_dir.checkpoint_dirs(run)
+    assert kept and all(run_dir.check_complete(p) for p in kept)
     for p in kept:
         assert all(bool(torch.isfinite(v).all()) for v in tensors(p).values() if v.is_floating_point())
 
@@ -375,13 +375,13 @@ def test_two_process_torchrun_on_cpu(setup, tmp_path):
     for k in a:
         assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6), k
     assert json.loads(p.stdout)["world_size"] == 2
-    kept = train.checkpoint_dirs(run)
+    kept = run_dir.checkpoint_dirs(run)
     assert [c.name for c in kept] == ["step-0000002", "step-0000004"]
-    state = train.check_complete(kept[-1])
+    state = run_dir.check_complete(kept[-1])
     assert state["world_size"] == 2
     st = tensors_state(kept[-1])
     assert {"rng.cpu.0", "rng.cpu.1"} <= set(st)
-    loaded, _ = ops.load_mpo_model(kept[-1])  # one consistent, loadable checkpoint
+    loaded, _ = model_files.load_mpo_model(kept[-1])  # one consistent, loadable checkpoint
     assert len(tensorize.mpo_modules(loaded.model)) == 12
     assert not any(n.startswith(".") for n in os.listdir(run / "checkpoints"))
 

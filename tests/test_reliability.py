@@ -16,7 +16,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from tdkd_cli import checkpoint as ckpt, train
+from tdkd_cli import checkpoint as ckpt, run_dir
 from tdkd_cli.errors import TdkdError
 
 from .helpers import run_cli, sentiment_task, tiny_pair
@@ -46,7 +46,7 @@ def sub_env():
 def final_tensors(run):
     from safetensors.torch import load_file
 
-    last = train.checkpoint_dirs(run)[-1]
+    last = run_dir.checkpoint_dirs(run)[-1]
     assert last.name == f"step-{STEPS:07d}"
     out = load_file(str(last / "model.safetensors"))
     out.update({f"state:{k}": v for k, v in load_file(str(last / "trainer_state.safetensors")).items()})
@@ -77,7 +77,7 @@ def test_same_seed_gives_bitwise_identical_checkpoints(env, reference):
 def _wait_for_step(run: Path, proc, step: int, timeout: float = 120.0) -> None:
     t0 = time.time()
     while time.time() - t0 < timeout and proc.poll() is None:
-        done = train.checkpoint_dirs(run)
+        done = run_dir.checkpoint_dirs(run)
         if done and int(done[-1].name[5:]) >= step:
             return
         time.sleep(0.01)
@@ -98,7 +98,7 @@ def test_sigkill_at_random_points_then_resume_equals_uninterrupted(env, referenc
         time.sleep(rng.uniform(0.0, 0.05))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-        kills.append(max((int(p.name[5:]) for p in train.checkpoint_dirs(run)), default=0))
+        kills.append(max((int(p.name[5:]) for p in run_dir.checkpoint_dirs(run)), default=0))
         for _ in range(3):
             p = subprocess.run(distill_cmd(task, teacher, run, "--resume"), capture_output=True, text=True,
                                env=sub_env(), timeout=300)
@@ -123,7 +123,7 @@ def test_sigint_saves_a_checkpoint_and_says_how_to_resume(env, reference):
     assert last.startswith("error: interrupted at step") and "--resume" in last
     step = int(last.split("at step ")[1].split()[0])
     assert (run / "checkpoints" / f"step-{step:07d}").is_dir()
-    train.check_complete(run / "checkpoints" / f"step-{step:07d}")
+    run_dir.check_complete(run / "checkpoints" / f"step-{step:07d}")
     assert "Traceback" not in err
     p = subprocess.run(distill_cmd(task, teacher, run, "--resume"), capture_output=True, text=True, env=sub_env(), timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
@@ -137,11 +137,11 @@ def test_damaged_latest_checkpoint_is_skipped_on_resume(env, reference, capsys):
     src = d / "reference"
     run = d / "damaged"
     shutil.copytree(src, run)
-    dirs = train.checkpoint_dirs(run)
+    dirs = run_dir.checkpoint_dirs(run)
     # keep two checkpoints before the end; corrupt the newer one
     for p in dirs[-1:]:
         shutil.rmtree(p)
-    newer = train.checkpoint_dirs(run)[-1]
+    newer = run_dir.checkpoint_dirs(run)[-1]
     data = bytearray((newer / "model.safetensors").read_bytes())
     data[-10] ^= 0xFF
     (newer / "model.safetensors").write_bytes(bytes(data))
@@ -167,9 +167,9 @@ def good_ckpt(tmp_path_factory):
 
 def _read_all(path: Path):
     manifest, tensors = ckpt.load_mpo_checkpoint(path)
-    from tdkd_cli import ops
+    from tdkd_cli import model_files
 
-    ops.load_mpo_model(path)
+    model_files.load_mpo_model(path)
     return manifest, tensors
 
 
@@ -245,6 +245,6 @@ def test_full_disk_leaves_nothing_partial(env, tmp_path, capsys, monkeypatch):
     errors = [x for x in err.strip().splitlines() if x.startswith("error:")]  # progress lines go to stderr too
     assert rc == 1 and len(errors) == 1 and "No space left on device" in errors[0] and "Traceback" not in err
     assert err.strip().splitlines()[-1] == errors[0]
-    assert not train.checkpoint_dirs(run) and not (run / "best").exists()
+    assert not run_dir.checkpoint_dirs(run) and not (run / "best").exists()
     assert not [p for p in run.rglob(".*tmp-*")]
     monkeypatch.setattr(checkpoint, "save_tensors", real)

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from tdkd_cli import checkpoint, models, ops, tensorize
+from tdkd_cli import checkpoint, model_files, models, ops, tensorize
 
 from .helpers import bert_classifier, rel_fro, vit_tiny, run_cli
 
@@ -124,7 +124,7 @@ def test_paper_model_parameter_counts():
 def test_actual_cores_match_planned_count(tmp_path):
     original, src = bert_classifier(tmp_path, hidden=96, layers=1, heads=4, ffn=384)
     report = ops.decompose_model(str(src), tmp_path / "mpo", n=5)
-    loaded, _ = ops.load_mpo_model(tmp_path / "mpo")
+    loaded, _ = model_files.load_mpo_model(tmp_path / "mpo")
     assert ops.model_param_count(loaded.model) == report["totals"]["model_params_after"]
     planned = sum(p.numel() for p in original.parameters()) - report["totals"]["dense_params_targets"] + report["totals"]["mpo_params_targets"]
     assert planned == report["totals"]["model_params_after"]

@@ -1,0 +1,88 @@
+"""The layer stack of a transformer model: find it, count it, and cut a student from a deeper
+model by keeping some of its layers (weights copied, layers renumbered)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import models
+from .errors import UsageError
+
+_LAYER_LISTS = ("encoder.layer", "transformer.layer", "encoder.layers", "layers", "blocks")
+
+
+def layer_list(model) -> tuple[str, Any]:
+    """(dotted path, container) of the model's stack of transformer layers."""
+    from torch import nn
+
+    mods = dict(model.named_modules())
+    prefix = getattr(model, "base_model_prefix", "")
+    for rel in _LAYER_LISTS:
+        for path in ((f"{prefix}.{rel}" if prefix else rel), rel):
+            m = mods.get(path)
+            if isinstance(m, (nn.ModuleList, nn.Sequential)) and len(m) > 0:
+                return path, m
+    raise UsageError(f"cannot find the layer stack of {type(model).__name__} (looked for {', '.join(_LAYER_LISTS)})")
+
+
+def num_layers(model) -> int:
+    return len(layer_list(model)[1])
+
+
+def parse_layers(spec: str, total: int) -> list[int]:
+    """'0,1,2' | 'every-other' (1,3,5,...: every second layer, ending on the last) | 'first-K'."""
+    s = spec.strip().lower()
+    if s in ("every-other", "every_other", "alternate"):
+        keep = list(range(1, total, 2)) or [0]
+    elif s.startswith("first-"):
+        try:
+            k = int(s[6:])
+        except ValueError:
+            raise UsageError(f"layers {spec!r}: expected first-K, e.g. first-3") from None
+        keep = list(range(k))
+    else:
+        try:
+            keep = [int(x) for x in s.split(",") if x.strip() != ""]
+        except ValueError:
+            raise UsageError(f"layers {spec!r}: expected indices like 0,1,2 or 'every-other'") from None
+    if not keep:
+        raise UsageError(f"layers {spec!r} keeps no layer")
+    bad = [i for i in keep if not 0 <= i < total]
+    if bad:
+        raise UsageError(f"layers {spec!r}: layer {bad[0]} does not exist (the model has {total}: 0..{total - 1})")
+    if len(set(keep)) != len(keep):
+        raise UsageError(f"layers {spec!r} names a layer twice")
+    return keep
+
+
+def cut_layers(loaded: models.Loaded, spec: str) -> models.Loaded:
+    """A new model keeping only some layers of ``loaded`` (weights copied, layers renumbered),
+    with a config/source describing the smaller architecture so manifests rebuild it offline."""
+    import copy
+    import re
+
+    model = loaded.model
+    path, stack = layer_list(model)
+    keep = parse_layers(spec, len(stack))
+    new_index = {old: new for new, old in enumerate(keep)}
+    pat = re.compile(rf"^{re.escape(path)}\.(\d+)\.(.*)$")
+    state = {}
+    for key, value in model.state_dict().items():
+        m = pat.match(key)
+        if m is None:
+            state[key] = value
+        elif int(m[1]) in new_index:
+            state[f"{path}.{new_index[int(m[1])]}.{m[2]}"] = value
+    source = copy.deepcopy(loaded.source)
+    if loaded.family == "hf":
+        cfg = source["config"]
+        for k in ("num_hidden_layers", "n_layers", "num_layers"):
+            if k in cfg:
+                cfg[k] = len(keep)
+        new = models.hf_from_config(cfg, None, source["architecture"])
+    else:
+        source["kwargs"] = dict(source.get("kwargs", {}), depth=len(keep))
+        new = models.build_from_source(source)
+    models.load_state_strict(new, state, f"cannot cut layers {spec!r} from this model", UsageError)
+    source["spec"] = f"{loaded.source.get('spec')}[layers {','.join(map(str, keep))}]"
+    return models.Loaded(new.eval(), loaded.family, source, loaded.tokenizer_dir)

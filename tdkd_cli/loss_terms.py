@@ -1,0 +1,111 @@
+"""Loss terms as data: a registry of named, weighted terms that the training loop sums.
+
+A term declares what it needs (the teacher's outputs, hidden states, attention maps, the MPO
+cores) and returns a scalar; its weight comes from the recipe. The loop computes what the active
+terms need, sums ``weight * value`` in registry order, and logs each term under its name (the keys
+of metrics.jsonl). Batch terms run on every micro-batch; step terms (the tensor constraint, which
+reads only the cores) run once per optimizer step.
+
+    total = sum over active terms of weight(recipe) * term(student, teacher, batch, context)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from . import losses
+from .recipe import Recipe
+
+
+@dataclass
+class Outputs:
+    """One model's forward pass: logits, and what the active terms asked for."""
+
+    logits: torch.Tensor
+    hidden: tuple | None = None  # HF hidden states (embeddings first)
+    attentions: tuple | None = None  # HF attention probabilities per layer
+    features: dict = field(default_factory=dict)  # module path -> output (features.FeatureTap)
+
+
+@dataclass
+class Context:
+    """What terms read besides the batch: settings, the layer pairing, connectors, cores."""
+
+    temperature: float = 1.0
+    pair_map: list[tuple[int, int]] = field(default_factory=list)  # (student layer, teacher layer)
+    connectors: dict[str, nn.Module] = field(default_factory=dict)  # trained with the student, dropped at merge
+    student_cores: dict = field(default_factory=dict)
+    teacher_cores: dict = field(default_factory=dict)
+    core_pairs: list = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Term:
+    name: str
+    description: str
+    weight: Callable[[Recipe, bool], float]  # (recipe, has_teacher) -> weight; 0 switches the term off
+    compute: Callable[["Outputs | None", "Outputs | None", "dict | None", Context], torch.Tensor]
+    needs: frozenset = frozenset()  # of "teacher", "hidden", "attentions"
+    per_step: bool = False  # once per optimizer step (on the cores), not per micro-batch
+
+
+def _kd(s, t, batch, ctx):
+    return losses.kd_loss(s.logits, t.logits, ctx.temperature)
+
+
+def _ce(s, t, batch, ctx):
+    return losses.ce_loss(s.logits, batch["labels"])
+
+
+def _hidden(s, t, batch, ctx):
+    # index 0 is the embedding output: layer i's output is hidden[i + 1]
+    return losses.hidden_mse(s.hidden[1:], t.hidden[1:], ctx.pair_map, ctx.connectors.get("projection"),
+                             batch.get("attention_mask"))
+
+
+def _attention(s, t, batch, ctx):
+    return losses.attention_mse(s.attentions, t.attentions, ctx.pair_map)
+
+
+def _tensor(s, t, batch, ctx):
+    return losses.tensor_constraint_loss(ctx.student_cores, ctx.teacher_cores, ctx.core_pairs)
+
+
+TERMS: dict[str, Term] = {t.name: t for t in (
+    Term("kd", "T^2 KL(p_teacher || p_student) of the logits at temperature T",
+         lambda r, teacher: r.alpha if teacher else 0.0, _kd, frozenset({"teacher"})),
+    Term("ce", "cross-entropy on the labels (MSE for regression tasks)",
+         lambda r, teacher: 1.0 - r.alpha if teacher else 1.0, _ce),
+    Term("hidden", "MSE of hidden states, student layer i vs its layer-map partner (projected when widths differ)",
+         lambda r, teacher: r.hidden_weight, _hidden, frozenset({"teacher", "hidden"})),
+    Term("attention", "MSE of attention maps, student layer i vs its layer-map partner",
+         lambda r, teacher: r.attention_weight, _attention, frozenset({"teacher", "attentions"})),
+    Term("tensor", "OPDF tensor constraint: MSE of the student's auxiliary MPO cores to the teacher's",
+         lambda r, teacher: r.tensor_lambda if teacher else 0.0, _tensor, per_step=True),
+)}
+
+# metrics.jsonl keys of a training log record, in order
+LOG_KEYS = ("loss", *TERMS, "grad_norm")
+
+
+def active(r: Recipe, has_teacher: bool) -> list[tuple[Term, float]]:
+    """(term, weight) of every term with a positive weight, in registry order."""
+    out = []
+    for term in TERMS.values():
+        w = term.weight(r, has_teacher)
+        if w > 0:
+            out.append((term, w))
+    return out
+
+
+def needs(terms: list[tuple[Term, float]], per_step: bool = False) -> frozenset:
+    """Union of what the batch terms (or the step terms) need."""
+    out = frozenset()
+    for term, _ in terms:
+        if term.per_step == per_step:
+            out |= term.needs
+    return out

@@ -1,0 +1,106 @@
+"""tdkd checkpoints as models: write a (possibly tensorized) model in tdkd's format, and load any
+model tdkd understands (an MPO checkpoint rebuilt from its manifest, or whatever ``models`` loads).
+
+The format itself (manifest validation, safetensors checks, atomic directories) is checkpoint.py;
+this module connects it to model objects.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from . import __version__
+from . import checkpoint as ckpt
+from . import models, tensorize
+from .errors import CheckpointError
+
+
+def dtype_name(t) -> str:
+    return str(t.dtype).replace("torch.", "")
+
+
+def write_model_files(directory: Path, model, source: dict, tokenizer_dir: Path | None, *, n: int | None = None,
+                      rank: int | None = None, extra: dict | None = None) -> list[str]:
+    """Write a model in tdkd's checkpoint format into ``directory``: model.safetensors (cores under
+    ``<layer>.mpo_core.<k>``, every other tensor under its state_dict name), the tdkd.json
+    manifest, and tokenizer files. A model without MPO layers gives a manifest with no layers.
+    Returns the tokenizer files copied."""
+    directory = Path(directory)
+    modules = tensorize.mpo_modules(model)
+    tensors = {}
+    for key, value in model.state_dict().items():
+        if ".parametrizations.weight.original" in key:
+            continue
+        tensors[key] = value
+    layers = {}
+    for name, module in modules.items():
+        plan = tensorize.layer_plan(module)
+        cores = tensorize.layer_cores(module)
+        for k, c in enumerate(cores):
+            tensors[ckpt.core_key(name, k)] = c
+        layers[name] = {"out_features": plan.out_features, "in_features": plan.in_features,
+                        "out_shape": list(plan.out_shape), "in_shape": list(plan.in_shape),
+                        "bonds": [1] + [int(c.shape[-1]) for c in cores], "central": plan.central,
+                        "dtype": dtype_name(cores[0])}
+    ckpt.save_tensors(tensors, directory / ckpt.TENSORS, metadata={"format": "pt", "tdkd": ckpt.FORMAT})
+    manifest = {
+        "format": ckpt.FORMAT, "format_version": ckpt.FORMAT_VERSION, "tdkd_version": __version__,
+        "source": dict(source), "n": n, "rank": rank,
+        "tensors": {"file": ckpt.TENSORS, "sha256": ckpt.sha256_file(directory / ckpt.TENSORS)},
+        "layers": layers,
+    }
+    if extra:
+        manifest.update(extra)
+    (directory / ckpt.MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+    return ckpt.copy_tokenizer_files(tokenizer_dir, directory)
+
+
+def load_checkpoint_tensors(model, tensors: dict, where: Path, what: str = "the model") -> None:
+    """Load a tdkd checkpoint's tensors into a model tensorized with the same layers (strict)."""
+    state = {tensorize.parametrized_key(k): v for k, v in tensors.items()}
+    models.load_state_strict(model, state, f"{where}: tensors do not fit {what}")
+
+
+def load_mpo_model(path: Path):
+    """(Loaded, manifest) for an MPO checkpoint directory: architecture rebuilt from the manifest,
+    cores attached, all tensors loaded with strict key checking."""
+    import torch
+
+    manifest, tensors = ckpt.load_mpo_checkpoint(Path(path))
+    model = models.build_from_source(manifest["source"], where=Path(path) / ckpt.MANIFEST)
+    modules = dict(model.named_modules())
+    plans = []
+    for name, L in manifest["layers"].items():
+        mod = modules.get(name)
+        if not isinstance(mod, torch.nn.Linear) or tuple(mod.weight.shape) != (L["out_features"], L["in_features"]):
+            raise CheckpointError(f"{path}: layer {name} is not a {L['out_features']}x{L['in_features']} Linear of the model")
+        plans.append(tensorize.LayerPlan(name, L["out_features"], L["in_features"], tuple(L["out_shape"]),
+                                         tuple(L["in_shape"]), None, list(L["bonds"])))
+    tensorize.tensorize(model, plans, empty=True)
+    state_keys = {tensorize.parametrized_key(k) for k in tensors}
+    expected = set(model.state_dict().keys())
+    missing = sorted(expected - state_keys)
+    unexpected = sorted(state_keys - expected)
+    # HF models may hold non-persistent or tied entries; only tensors the model declares matter.
+    if unexpected:
+        raise CheckpointError(f"{path}: unexpected tensor {unexpected[0]} ({len(unexpected)} in all)")
+    if missing:
+        raise CheckpointError(f"{path}: missing tensor {missing[0]} ({len(missing)} in all)")
+    load_checkpoint_tensors(model, tensors, Path(path))
+    tok = Path(path) if any((Path(path) / f).is_file() for f in ckpt.TOKENIZER_FILES) else None
+    return models.Loaded(model.eval(), manifest["source"]["family"], manifest["source"], tok), manifest
+
+
+def load_any(spec: str, *, init: str = "pretrained", num_labels: int | None = None, weights: str | None = None,
+             seed: int = 0, trust_remote_code: bool = False, keep_head: bool = False) -> models.Loaded:
+    """Any model tdkd understands: an MPO checkpoint directory, or whatever models.load_model takes.
+    ``keep_head``: a local directory keeps its own classifier head (``num_labels`` is ignored for
+    it), as a teacher must."""
+    p = Path(spec).expanduser()
+    if p.is_dir() and ckpt.detect_kind(p) == "mpo":
+        return load_mpo_model(p)[0]
+    if keep_head and (p.is_dir() or models.looks_like_path(spec)):
+        num_labels = None
+    return models.load_model(spec, weights=weights, init=init, num_labels=num_labels,
+                             trust_remote_code=trust_remote_code, seed=seed)

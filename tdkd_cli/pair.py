@@ -1,0 +1,213 @@
+"""The teacher/student pair of a run: load both, check they fit each other and the task, cut the
+student from a deeper model, over-parameterize it (decompose on the fly with factor shapes planned
+against the teacher), pair layers (layer map) and decompose the teacher's partner matrices once for
+the tensor constraint.
+
+``setup`` returns a ``Pair``; nothing here trains.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from torch import nn
+
+from . import layers, losses, models, mpo, tensorize
+from . import checkpoint as ckpt
+from .errors import UsageError
+from .model_files import load_any
+from .recipe import Recipe
+
+
+class Reporter:
+    """What the engine tells the user; the CLI renders it (see render.DistillReporter)."""
+
+    def info(self, text: str) -> None: ...
+    def start(self, total_steps: int, start_step: int) -> None: ...
+    def step(self, step: int, total: int, record: dict) -> None: ...
+    def evaluated(self, step: int, metrics: dict, best: bool) -> None: ...
+    def finish(self) -> None: ...
+
+
+@dataclass
+class Pair:
+    student: models.Loaded
+    teacher: models.Loaded | None = None
+    layer_map: list[int] | None = None  # teacher layer per student layer (None: no layer stack)
+    teacher_cores: dict = field(default_factory=dict)  # teacher module name -> frozen cores
+    core_pairs: list[losses.AlignedPair] = field(default_factory=list)
+
+    def tokenizer_dir(self, override: str | None) -> Path | None:
+        if override:
+            return Path(override)
+        return self.student.tokenizer_dir or (self.teacher.tokenizer_dir if self.teacher else None)
+
+
+def no_teacher(spec: str | None) -> bool:
+    return spec is None or spec.strip().lower() in ("none", "null", "")
+
+
+def setup(r: Recipe, num_labels: int, reporter: Reporter) -> Pair:
+    """Teacher (frozen later by the loop), student (cut, over-parameterized or merged as the recipe
+    says), the layer map and, when tensor_lambda > 0, the teacher cores the constraint aligns to."""
+    teacher = _load_teacher(r, num_labels)
+    student = _load_student(r, num_labels, teacher)
+    lmap = None
+    if teacher is not None:
+        check_vocab(teacher, student)
+        lmap = _layer_map(r.layer_map, student.model, teacher.model)
+    _check_student(r, student, num_labels)
+    is_mpo = bool(tensorize.mpo_modules(student.model))
+    if not r.mpo and is_mpo:
+        tensorize.merge(student.model)
+        reporter.info("student cores contracted: mpo is false, training the dense student")
+    elif r.mpo and not is_mpo:
+        decompose_student(student, teacher, r, reporter, lmap)
+    if r.attention_weight > 0:
+        for m in (student.model, teacher.model):
+            if hasattr(m, "set_attn_implementation"):
+                m.set_attn_implementation("eager")
+    pair = Pair(student, teacher, lmap)
+    if teacher is not None and r.tensor_lambda > 0:
+        pair.teacher_cores, pair.core_pairs = teacher_cores(student.model, teacher.model, reporter, lmap)
+    return pair
+
+
+def _load_teacher(r: Recipe, num_labels: int) -> models.Loaded | None:
+    if no_teacher(r.teacher):
+        if r.tensor_lambda > 0 or r.hidden_weight > 0 or r.attention_weight > 0 or r.layer_map:
+            raise UsageError("hidden_weight, attention_weight, tensor_lambda and layer_map need a teacher (teacher is 'none')")
+        return None
+    teacher = load_any(r.teacher, init=r.init, num_labels=num_labels, weights=r.teacher_weights, seed=r.seed, keep_head=True)
+    t_out = num_outputs(teacher)
+    if t_out is None:
+        raise UsageError(f"teacher {r.teacher} has no classification head; fine-tune it on the task first "
+                         "(tdkd distill --teacher none --student MODEL ...)")
+    if t_out != num_labels:
+        raise UsageError(f"teacher {r.teacher} has {t_out} outputs but the task has {num_labels} labels")
+    if tensorize.mpo_modules(teacher.model):
+        tensorize.merge(teacher.model)
+    return teacher
+
+
+def _load_student(r: Recipe, num_labels: int, teacher: models.Loaded | None) -> models.Loaded:
+    spec = r.student
+    if spec is None:
+        if not r.student_layers or teacher is None:
+            raise UsageError("no student: pass --student MODEL, or --student-layers to cut one from the teacher")
+        spec = r.teacher
+    student = load_any(spec, init=r.init, num_labels=num_labels, weights=r.student_weights, seed=r.seed)
+    if r.student_layers:
+        if tensorize.mpo_modules(student.model):
+            raise UsageError("--student-layers cuts a dense model; this student is already decomposed "
+                             "(cut before decomposing: tdkd decompose --layers)")
+        student = layers.cut_layers(student, r.student_layers)
+    return student
+
+
+def _check_student(r: Recipe, student: models.Loaded, num_labels: int) -> None:
+    spec = r.student or r.teacher
+    if student.family == "timm" and (r.hidden_weight > 0 or r.attention_weight > 0):
+        raise UsageError("hidden_weight and attention_weight work with Hugging Face text models; for timm models use logit KD "
+                         "and the tensor constraint")
+    s_out = num_outputs(student)
+    if s_out is not None and s_out != num_labels:
+        raise UsageError(f"student {spec} has {s_out} outputs but the task has {num_labels} labels")
+    if s_out is None:
+        raise UsageError(f"student {spec} has no classification head")
+
+
+def num_outputs(loaded: models.Loaded) -> int | None:
+    """Classifier outputs of a model; None when it has no classification head."""
+    if loaded.family == "timm":
+        return getattr(loaded.model, "num_classes", None)
+    cfg = loaded.model.config
+    has_head = any(hasattr(loaded.model, h) for h in ("classifier", "score", "pre_classifier"))
+    return int(cfg.num_labels) if has_head else None
+
+
+def check_vocab(teacher: models.Loaded, student: models.Loaded) -> None:
+    if teacher.family != student.family:
+        raise UsageError(f"teacher is a {teacher.family} model and the student a {student.family} model; they must be of one kind")
+    if teacher.family != "hf":
+        return
+    tv = int(getattr(teacher.model.config, "vocab_size", 0))
+    sv = int(getattr(student.model.config, "vocab_size", 0))
+    if tv != sv:
+        raise UsageError(f"teacher and student have different vocabularies ({tv} vs {sv} tokens); "
+                         "KD on text needs one tokenizer for both")
+    if teacher.tokenizer_dir and student.tokenizer_dir:
+        for name in ("vocab.txt", "vocab.json"):
+            a, b = Path(teacher.tokenizer_dir) / name, Path(student.tokenizer_dir) / name
+            if a.is_file() and b.is_file() and ckpt.sha256_file(a) != ckpt.sha256_file(b):
+                raise UsageError(f"teacher and student have different vocabularies ({name} differs); "
+                                 "KD on text needs one tokenizer for both")
+
+
+def _layer_map(spec: str | None, student: nn.Module, teacher: nn.Module) -> list[int] | None:
+    """Teacher layer per student layer (losses.layer_map); None for models without a layer stack
+    (e.g. CNNs), which then get logit KD only, unless a layer map was asked for."""
+    try:
+        ls, lt = layers.num_layers(student), layers.num_layers(teacher)
+    except UsageError:
+        if spec:
+            raise
+        return None
+    return losses.layer_map(spec, ls, lt)
+
+
+def decompose_student(student: models.Loaded, teacher: models.Loaded | None, r: Recipe, reporter: Reporter,
+                      lmap: list[int] | None = None) -> None:
+    """Tensorize a dense student in place, planning factor shapes that align with the teacher."""
+    model = student.model
+    patterns = list(r.targets or ()) or list(tensorize.default_targets(model, student.family))
+    names = tensorize.select_targets(model, patterns)
+    explicit = tensorize.parse_shapes(r.shapes or [])
+    plans = tensorize.plan_layers(model, names, r.n, explicit)
+    if teacher is not None and not explicit and lmap is not None:
+        t_mods = dict(teacher.model.named_modules())
+        for p in plans:
+            t_name = losses.partner_name(p.name, lmap)
+            t_mod = t_mods.get(t_name) if t_name else None
+            if isinstance(t_mod, nn.Linear):
+                (so, si), _ = mpo.align_plans((p.out_features, p.in_features), tuple(t_mod.weight.shape), r.n)
+                p.out_shape, p.in_shape = so, si
+                p.bonds = mpo.full_bonds(so, si)
+    tensorize.tensorize(model, plans)
+    reporter.info(f"student decomposed on the fly: {len(plans)} matrices, n={r.n}")
+
+
+def teacher_cores(student: nn.Module, teacher: nn.Module, reporter: Reporter,
+                  lmap: list[int] | None = None) -> tuple[dict, list[losses.AlignedPair]]:
+    """Decompose the teacher's partner matrices once with factor shapes matched to the student's,
+    and pair their auxiliary cores; ``lmap`` pairs layers (default: the uniform map).
+    Returns (teacher cores by teacher module name, pairs)."""
+    s_mods = tensorize.mpo_modules(student)
+    if not s_mods:
+        raise UsageError("tensor_lambda > 0 needs an MPO student (mpo: true, or a decompose output)")
+    t_mods = dict(teacher.named_modules())
+    if lmap is None:
+        lmap = losses.layer_map(None, layers.num_layers(student), layers.num_layers(teacher))
+    s_shapes, t_shapes, t_cores = {}, {}, {}
+    for name, mod in s_mods.items():
+        plan = tensorize.layer_plan(mod)
+        s_shapes[name] = [tuple(c.shape) for c in tensorize.layer_cores(mod)]
+        t_name = losses.partner_name(name, lmap)
+        t_mod = t_mods.get(t_name) if t_name else None
+        if not isinstance(t_mod, nn.Linear) or t_name in t_cores:
+            continue
+        _, (to, ti) = mpo.align_plans((plan.out_features, plan.in_features), tuple(t_mod.weight.shape), plan.n,
+                                      (plan.out_shape, plan.in_shape))
+        cores = mpo.decompose(t_mod.weight.detach(), to, ti)
+        t_cores[t_name] = [c.detach().to(t_mod.weight.dtype) for c in cores]
+        t_shapes[t_name] = [tuple(c.shape) for c in t_cores[t_name]]
+    pairs = losses.pair_layers(s_shapes, t_shapes, lmap)
+    aligned = sum(len(p.cores) for p in pairs)
+    skipped = sum(len(p.skipped) for p in pairs)
+    if aligned == 0:
+        raise UsageError("tensor constraint: no auxiliary core of the student has the shape of its teacher partner; "
+                         "set shapes so the trailing factors agree, or tensor_lambda: 0")
+    reporter.info(f"tensor constraint: {len(pairs)} matrix pairs, {aligned} auxiliary cores aligned"
+                  + (f", {skipped} skipped (shapes differ)" if skipped else ""))
+    return t_cores, pairs
