@@ -68,7 +68,9 @@ def load_mpo_model(path: Path):
     import torch
 
     manifest, tensors = ckpt.load_mpo_checkpoint(Path(path))
-    model = models.build_from_source(manifest["source"], where=Path(path) / ckpt.MANIFEST)
+    where = Path(path) / ckpt.MANIFEST
+    _check_source_fits(manifest, tensors, where)
+    model = models.build_from_source(manifest["source"], where=where)
     modules = dict(model.named_modules())
     plans = []
     for name, L in manifest["layers"].items():
@@ -90,6 +92,26 @@ def load_mpo_model(path: Path):
     load_checkpoint_tensors(model, tensors, Path(path))
     tok = Path(path) if any((Path(path) / f).is_file() for f in ckpt.TOKENIZER_FILES) else None
     return models.Loaded(model.eval(), manifest["source"]["family"], manifest["source"], tok), manifest
+
+
+def _check_source_fits(manifest: dict, tensors: dict, where: Path) -> None:
+    """Build the manifest's architecture on the meta device (no memory) and compare its tensor
+    shapes with the checkpoint's, so that a damaged source block (say a size of 10**9) is refused
+    before a real model of that size is allocated."""
+    import torch
+
+    with torch.device("meta"):
+        skeleton = models.build_from_source(manifest["source"], where=where)
+    shapes = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+    for name, L in manifest["layers"].items():
+        implied = shapes.pop(f"{name}.weight", None)
+        if implied is not None and implied != (L["out_features"], L["in_features"]):
+            raise CheckpointError(f"{where}: source describes {name}.weight as {list(implied)}, "
+                                  f"its layer entry as [{L['out_features']}, {L['in_features']}]")
+    for key, shape in shapes.items():
+        stored = tensors.get(key)
+        if stored is not None and tuple(stored.shape) != shape:
+            raise CheckpointError(f"{where}: source describes {key} as {list(shape)}, the checkpoint holds {list(stored.shape)}")
 
 
 def load_any(spec: str, *, init: str = "pretrained", num_labels: int | None = None, weights: str | None = None,

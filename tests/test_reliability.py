@@ -6,6 +6,7 @@ import errno
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -248,3 +249,74 @@ def test_full_disk_leaves_nothing_partial(env, tmp_path, capsys, monkeypatch):
     assert not run_dir.checkpoint_dirs(run) and not (run / "best").exists()
     assert not [p for p in run.rglob(".*tmp-*")]
     monkeypatch.setattr(checkpoint, "save_tensors", real)
+
+
+# ---------------------------------------------------------------------------------------------
+# a damaged `source` block (the architecture a manifest rebuilds) is a tdkd error, never a crash
+def _with_source(good, root, mutate):
+    import shutil
+
+    target = root / "ck"
+    shutil.rmtree(target, ignore_errors=True)
+    shutil.copytree(good, target)
+    m = json.loads((target / ckpt.MANIFEST).read_text())
+    mutate(m["source"])
+    (target / ckpt.MANIFEST).write_text(json.dumps(m))
+    return target
+
+
+def _set(key, value):
+    def mutate(src):
+        where = src if key == "architecture" else src["config"]
+        assert key in where, key  # the field exists in the stored config: the test changes it
+        where[key] = value
+    return mutate
+
+
+@pytest.mark.parametrize("key,value,says", [
+    ("num_attention_heads", 0, "source.config.num_attention_heads must be a positive integer"),
+    ("hidden_size", -16, "source.config.hidden_size must be a positive integer"),
+    ("intermediate_size", "32", "source.config.intermediate_size must be an integer"),
+    ("layer_norm_eps", "tiny", "source.config.layer_norm_eps must be a finite number"),
+    ("is_decoder", 3, "source.config.is_decoder must be true or false"),
+    ("vocab_size", 10**9, "source describes bert.embeddings.word_embeddings.weight as [1000000000, 16]"),
+    ("num_attention_heads", 3, "source.config does not build a BertForSequenceClassification"),
+    ("architecture", "NoSuchModel", "transformers has no model class 'NoSuchModel'"),
+])
+def test_damaged_source_config_names_the_field(good_ckpt, tmp_path, capsys, key, value, says):
+    target = _with_source(good_ckpt, tmp_path, _set(key, value))
+    from tdkd_cli import model_files
+
+    with pytest.raises(TdkdError, match=re.escape(says)):
+        model_files.load_mpo_model(target)
+    rc, out, err = run_cli(["merge", str(target), "-o", str(tmp_path / "merged")], capsys)
+    assert rc == 1 and err.count("\n") == 1 and says in err and "internal error" not in err
+    assert not (tmp_path / "merged").exists()
+
+
+config_values = st.one_of(st.none(), st.booleans(), st.integers(-3, 3), st.sampled_from([10**9, 2**31, 0.5, -1.5]),
+                          st.text(max_size=4), st.lists(st.integers(), max_size=2), st.dictionaries(st.text(max_size=2), st.integers(), max_size=2))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_mutated_source_config_only_raises_tdkd_errors(good_ckpt, tmp_path_factory, data):
+    """Every loader (manifest, MPO model, any model, a forward pass of what loads) fails only with
+    tdkd's error type however the source block's fields are changed."""
+    from tdkd_cli import model_files, models
+
+    cfg = json.loads((good_ckpt / ckpt.MANIFEST).read_text())["source"]["config"]
+    changes = data.draw(st.dictionaries(st.sampled_from(sorted(cfg) + ["architecture", "model_type"]), config_values,
+                                        min_size=1, max_size=3))
+
+    def mutate(src):
+        for k, v in changes.items():
+            (src if k == "architecture" else src["config"])[k] = v
+
+    target = _with_source(good_ckpt, tmp_path_factory.mktemp("src"), mutate)
+    try:
+        ckpt.read_manifest(target)
+        loaded = model_files.load_any(str(target))
+        models.forward_output(loaded.model, loaded.family, models.probe_inputs(loaded.model, loaded.family))
+    except TdkdError:
+        pass

@@ -1,0 +1,140 @@
+"""The training engine's pieces: the recipe schema behind the distill options, loss terms as data,
+features by module path, and the progress object a checkpoint stores."""
+
+import math
+
+import click
+import pytest
+import torch
+import typer
+
+from tdkd_cli import loss_terms, recipe
+from tdkd_cli.cli import app
+from tdkd_cli.errors import UsageError
+from tdkd_cli.features import FeatureTap
+from tdkd_cli.train import Progress
+
+NOT_RECIPE = {"ctx", "output", "recipe", "resume", "force", "as_json"}
+FLAG_EXCEPTIONS = {"text_columns": "--text-column"}  # one column per flag, repeatable
+
+
+def _distill_command() -> click.Command:
+    return typer.main.get_command(app).commands["distill"]
+
+
+def test_distill_options_are_the_recipe_keys():
+    params = {p.name: p for p in _distill_command().params}
+    keys = set(recipe.SCHEMA) - {"description"}
+    assert set(params) - NOT_RECIPE == keys
+    for key in keys:
+        p = params[key]
+        kind, default, text = recipe.SCHEMA[key]
+        assert FLAG_EXCEPTIONS.get(key, "--" + key.replace("_", "-")) in p.opts + p.secondary_opts, key
+        assert p.default is None, key  # unset options never override the recipe
+        assert p.help.startswith(text), key  # the help is the schema's
+        if default is not None and kind != "bool":
+            assert p.help.endswith(f"[{default}]"), key
+        assert p.multiple == (kind == "list"), key
+
+
+def test_recipe_is_typed_and_frozen(tmp_path):
+    f = tmp_path / "r.yaml"
+    f.write_text("lr: 1e-4\ntargets: ['*query']\nteacher: none\n")
+    r, explicit = recipe.build(str(f), {"batch_size": 8, "seed": None})
+    assert r.lr == 1e-4 and r.batch_size == 8 and r.targets == ("*query",) and r.n == 5
+    assert explicit == {"lr", "targets", "teacher", "batch_size"}
+    with pytest.raises(Exception):
+        r.lr = 3.0
+    # recipe.yaml round trip: lists stay lists, every key in schema order
+    again = recipe.Recipe.from_dict(recipe.resolve(None, {}) | recipe.validate(__import__("yaml").safe_load(recipe.dump(r)), "x"))
+    assert again == r and list(r.as_dict()) == list(recipe.SCHEMA)
+
+
+def test_resume_refuses_a_changed_key_and_takes_a_resumable_one():
+    stored = recipe.Recipe(teacher="none", data="d", lr=1e-4).as_dict()
+    given = recipe.Recipe(teacher="none", data="d", lr=2e-4, log_every=3)
+    with pytest.raises(UsageError, match="lr differs"):
+        recipe.for_resume(stored, given, {"lr"}, "run/recipe.yaml")
+    r = recipe.for_resume(stored, given, {"log_every"}, "run/recipe.yaml")
+    assert r.lr == 1e-4 and r.log_every == 3
+
+
+def test_active_terms_and_weights_follow_the_recipe():
+    names = lambda r, t: [(term.name, w) for term, w in loss_terms.active(r, t)]  # noqa: E731
+    assert names(recipe.Recipe(), False) == [("ce", 1.0)]
+    assert names(recipe.Recipe(alpha=0.25, hidden_weight=2.0, tensor_lambda=1e-3), True) == [
+        ("kd", 0.25), ("ce", 0.75), ("hidden", 2.0), ("tensor", 1e-3)]
+    assert names(recipe.Recipe(alpha=1.0), True) == [("kd", 1.0)]
+    assert loss_terms.LOG_KEYS == ("loss", "kd", "ce", "hidden", "attention", "tensor", "grad_norm")
+    active = loss_terms.active(recipe.Recipe(attention_weight=1.0, tensor_lambda=1.0), True)
+    assert loss_terms.needs(active) == {"teacher", "attentions"}
+    assert [t.name for t, _ in active if t.per_step] == ["tensor"]
+
+
+def test_weighted_terms_equal_the_hand_written_loss():
+    torch.manual_seed(0)
+    s = loss_terms.Outputs(torch.randn(4, 3, requires_grad=True))
+    t = loss_terms.Outputs(torch.randn(4, 3))
+    labels = torch.tensor([0, 2, 1, 2])
+    r = recipe.Recipe(alpha=0.4, temperature=2.0)
+    ctx = loss_terms.Context(temperature=r.temperature)
+    total = sum(w * term.compute(s, t, {"labels": labels}, ctx) for term, w in loss_terms.active(r, True))
+    # by hand: 0.4 * T^2 * mean_b sum_c p_t (log p_t - log p_s) + 0.6 * mean_b -log softmax(z_s)[y]
+    T = 2.0
+    ps, pt = torch.softmax(s.logits / T, -1), torch.softmax(t.logits / T, -1)
+    kd = T * T * (pt * (pt.log() - ps.log())).sum(-1).mean()
+    ce = -torch.log_softmax(s.logits, -1)[torch.arange(4), labels].mean()
+    assert float(total.detach()) == pytest.approx(float(0.4 * kd.detach() + 0.6 * ce.detach()), rel=1e-6)
+    total.backward()
+    assert float(s.logits.grad.abs().sum()) > 0
+
+
+def test_feature_tap_reads_any_module_and_leaves_no_hooks(tmp_path):
+    from .helpers import bert_classifier
+
+    model, _ = bert_classifier(tmp_path, hidden=32, layers=2, heads=2, ffn=64, vocab=50)
+    ids = torch.randint(1, 50, (2, 7))
+    paths = ["bert.encoder.layer.0", "bert.encoder.layer.1.output.dense"]
+    hooks = lambda: sum(len(m._forward_hooks) for m in model.modules())  # noqa: E731  (transformers keeps its own)
+    model(input_ids=ids, output_hidden_states=True)  # transformers installs its output-recording hooks on first use
+    before = hooks()
+    with FeatureTap(model, paths) as tap:
+        out = model(input_ids=ids, output_hidden_states=True)
+        assert torch.equal(tap.features["bert.encoder.layer.0"], out.hidden_states[1])
+        assert tap.features["bert.encoder.layer.1.output.dense"].shape == (2, 7, 32)
+        assert hooks() == before + 2
+    assert hooks() == before
+    with pytest.raises(UsageError, match="no module 'bert.encoder.layer.9'"):
+        FeatureTap(model, ["bert.encoder.layer.9"], "student")
+
+
+def test_feature_tap_on_a_timm_model():
+    import timm
+
+    from .helpers import VIT_ARGS
+
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=3, **VIT_ARGS).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with FeatureTap(model, ["blocks.1", "norm"]) as tap:
+        y = model(x)
+        feats = dict(tap.features)
+    assert feats["blocks.1"].shape == (2, 17, 48)
+    # the head reads the normed class token: the tapped 'norm' output feeds the logits
+    assert torch.allclose(model.head(feats["norm"][:, 0]), y, atol=1e-6)
+
+
+def test_progress_round_trips_through_its_state_dict():
+    p = Progress(seed=3, world_size=1, total_steps=40, steps_per_epoch=8, metric="accuracy")
+    p.step = 10
+    assert p.record_eval({"accuracy": 0.5}, "accuracy") and not p.record_eval({"accuracy": 0.4}, "accuracy")
+    p.step = 12
+    assert p.record_eval({"accuracy": 0.75}, "accuracy")
+    state = p.state_dict()
+    assert (state["step"], state["epoch"], state["best"]) == (12, 1, {"metric": "accuracy", "value": 0.75, "step": 12})
+    assert state["seed"] == 3 and state["timed_steps"] == 12 and state["last_eval"] == {"accuracy": 0.75}
+    q = Progress(seed=3, world_size=1, total_steps=40, steps_per_epoch=8, metric="accuracy")
+    q.load_state_dict(state)
+    q.start_clock()
+    q.step = 14
+    assert q.best == p.best and q.timed_steps() == 14 and q.train_seconds() >= state["train_seconds"]
+    assert math.isfinite(q.train_seconds())
