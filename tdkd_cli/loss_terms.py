@@ -51,6 +51,8 @@ class Term:
     compute: Callable[["Outputs | None", "Outputs | None", "dict | None", Context], torch.Tensor]
     needs: frozenset = frozenset()  # of "teacher", "hidden", "attentions"
     per_step: bool = False  # once per optimizer step (on the cores), not per micro-batch
+    # (student module paths, teacher module paths) whose outputs the term reads from Outputs.features
+    modules: Callable[[Recipe], tuple[list[str], list[str]]] | None = None
 
 
 def _kd(s, t, batch, ctx):
@@ -90,6 +92,22 @@ TERMS: dict[str, Term] = {t.name: t for t in (
 
 # metrics.jsonl keys of a training log record, in order
 LOG_KEYS = ("loss", *TERMS, "grad_norm")
+
+
+def log_keys() -> tuple[str, ...]:
+    """LOG_KEYS of the registry as it is now (a term added at run time gets its own key)."""
+    return ("loss", *TERMS, "grad_norm")
+
+
+def feature_paths(terms: list[tuple[Term, float]], r: Recipe) -> tuple[list[str], list[str]]:
+    """Module paths the active terms read, on the student and on the teacher (each once, in order)."""
+    s_paths, t_paths = [], []
+    for term, _ in terms:
+        if term.modules is not None:
+            s, t = term.modules(r)
+            s_paths += [p for p in s if p not in s_paths]
+            t_paths += [p for p in t if p not in t_paths]
+    return s_paths, t_paths
 
 
 def active(r: Recipe, has_teacher: bool) -> list[tuple[Term, float]]:

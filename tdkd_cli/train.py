@@ -35,6 +35,7 @@ from . import distributed, loss_terms, pair as pair_mod, recipe as recipe_mod, r
 from .distributed import Dist
 from .errors import Interrupted, TrainingDiverged, UsageError
 from .evaluate import evaluate_images, evaluate_text
+from .features import FeatureTap
 from .pair import Pair, Reporter
 from .recipe import Recipe
 
@@ -209,11 +210,11 @@ def run(r: Recipe, out: Path, *, resume: bool = False, force: bool = False, repo
     fwd_model = _wrap_ddp(model, dist, device)
     progress = Progress(r.seed, dist.world, total, batches.steps_per_epoch, ds.metric)
     _setup_progress(out, resume, progress, model, optimizer, connectors, dist, device, r.seed, reporter)
+    training = Training(r, out, dist, device, reporter, ds, pair, batches, fwd_model, connectors, optimizer, base_lrs,
+                        total, progress, tok_dir)  # checks the module paths loss terms read: before anything is written
     if dist.main:
         run_dir.write_run_info(out, _run_info(dist, device, argv, total, ds, pair), recipe_mod.dump(r), progress.step)
     dist.barrier()
-    training = Training(r, out, dist, device, reporter, ds, pair, batches, fwd_model, connectors, optimizer, base_lrs,
-                        total, progress, tok_dir)
     training.train()
     if not dist.main:
         return None
@@ -278,6 +279,7 @@ class _StopFlag:
 class _LogWindow:
     """Per-step loss terms (loss_terms.LOG_KEYS) averaged over log_every steps."""
 
+    keys: tuple = loss_terms.LOG_KEYS
     rows: list = field(default_factory=list)
     examples: int = 0
     t0: float = field(default_factory=time.perf_counter)
@@ -286,7 +288,7 @@ class _LogWindow:
         now = time.perf_counter()
         mean = torch.stack(self.rows).mean(0)
         rec = {"step": step, "epoch": round(step / steps_per_epoch, 4), "lr": lr,
-               **{k: float(f"{v:.6g}") for k, v in zip(loss_terms.LOG_KEYS, mean.tolist())},
+               **{k: float(f"{v:.6g}") for k, v in zip(self.keys, mean.tolist())},
                "examples_per_s": round(self.examples * world / max(now - self.t0, 1e-9), 2)}
         self.rows, self.examples, self.t0 = [], 0, now
         return rec
@@ -322,7 +324,11 @@ class Training:
             teacher_cores=self.pair.teacher_cores, core_pairs=self.pair.core_pairs)
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
         self.warmup = int(self.r.warmup_ratio * self.total)
-        self.log = _LogWindow()
+        self.log_keys = loss_terms.log_keys()
+        self.log = _LogWindow(keys=self.log_keys)
+        s_paths, t_paths = loss_terms.feature_paths(self.terms, self.r)
+        self.taps = {"student": FeatureTap(self.model, s_paths, "student") if s_paths else None,
+                     "teacher": FeatureTap(self.pair.teacher.model, t_paths, "teacher") if t_paths else None}
 
     def train(self) -> None:
         stop = _StopFlag(enabled=self.dist.world == 1)
@@ -341,6 +347,9 @@ class Training:
                 run_dir.save_best(self.out, self.model, self.pair.student.source, self.tok_dir,
                                   {"metric": None, "value": None, "step": self.total})
         finally:
+            for tap in self.taps.values():
+                if tap is not None:
+                    tap.close()
             stop.restore()
             self.reporter.finish()
         if self.dist.main:
@@ -348,13 +357,20 @@ class Training:
         self.dist.barrier()
 
     # -- one optimizer step ----------------------------------------------------------------------
-    def _forward(self, model, batch: dict) -> loss_terms.Outputs:
+    def _forward(self, model, batch: dict, role: str) -> loss_terms.Outputs:
+        tap = self.taps[role]
+        if tap is not None:
+            tap.clear()
         if self.pair.student.family == "timm":
-            return loss_terms.Outputs(model(batch["x"]))
-        hidden, attn = "hidden" in self.batch_needs, "attentions" in self.batch_needs
-        kwargs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
-        out = model(**kwargs, output_hidden_states=hidden or None, output_attentions=attn or None)
-        return loss_terms.Outputs(out.logits, out.hidden_states if hidden else None, out.attentions if attn else None)
+            out = loss_terms.Outputs(model(batch["x"]))
+        else:
+            hidden, attn = "hidden" in self.batch_needs, "attentions" in self.batch_needs
+            kwargs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
+            res = model(**kwargs, output_hidden_states=hidden or None, output_attentions=attn or None)
+            out = loss_terms.Outputs(res.logits, res.hidden_states if hidden else None, res.attentions if attn else None)
+        if tap is not None:
+            out.features = dict(tap.features)
+        return out
 
     def _loss_step(self, step: int) -> torch.Tensor:
         """Forward and backward of every micro-batch of ``step`` (the cores contracted once), then
@@ -362,19 +378,19 @@ class Training:
         r, accum = self.r, self.r.grad_accum
         for g in self.optimizer.param_groups:
             g["lr"] = self.base_lrs[g["name"]] * lr_factor(step, self.total, self.warmup)
-        terms = torch.zeros(len(loss_terms.LOG_KEYS), dtype=torch.float64)
-        slot = {k: i for i, k in enumerate(loss_terms.LOG_KEYS)}
+        terms = torch.zeros(len(self.log_keys), dtype=torch.float64)
+        slot = {k: i for i, k in enumerate(self.log_keys)}
         rebuilt = tensorize.RebuiltWeights(self.model, grad=True)
         try:
             for m in range(accum):
                 idx = self.batches.indices(step, m)
                 batch = self.batches.batch(idx, self.model, self.device)
                 with self.fwd_model.no_sync() if self.dist.world > 1 else nullcontext():
-                    s = self._forward(self.fwd_model, batch)
+                    s = self._forward(self.fwd_model, batch, "student")
                     t = None
                     if "teacher" in self.batch_needs:
                         with torch.no_grad():
-                            t = self._forward(self.pair.teacher.model, batch)
+                            t = self._forward(self.pair.teacher.model, batch, "teacher")
                     loss = s.logits.new_zeros((), dtype=torch.float32)
                     for term, w in self.batch_terms:
                         value = term.compute(s, t, batch, self.ctx)
@@ -404,7 +420,7 @@ class Training:
         if not (math.isfinite(float(terms[0])) and math.isfinite(float(terms[-1]))):
             prev = run_dir.checkpoint_dirs(self.out)
             keep = f"the last good checkpoint is {prev[-1]}" if prev else "no checkpoint was written yet"
-            kd, ce = (float(terms[loss_terms.LOG_KEYS.index(k)]) for k in ("kd", "ce"))
+            kd, ce = (float(terms[self.log_keys.index(k)]) for k in ("kd", "ce"))
             raise TrainingDiverged(
                 f"loss became {'NaN' if math.isnan(float(terms[0])) else 'infinite'} at step {self.progress.step + 1} "
                 f"(kd {kd:.4g}, ce {ce:.4g}, grad norm {float(terms[-1]):.4g}); "

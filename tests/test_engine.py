@@ -138,3 +138,43 @@ def test_progress_round_trips_through_its_state_dict():
     q.step = 14
     assert q.best == p.best and q.timed_steps() == 14 and q.train_seconds() >= state["train_seconds"]
     assert math.isfinite(q.train_seconds())
+
+
+def test_a_registered_term_reads_features_by_module_path(tmp_path, capsys, monkeypatch):
+    """A term added to the registry gets the outputs of the modules it names (forward hooks on the
+    student and the teacher), is weighted into the loss, and is logged under its own name."""
+    import json
+
+    from tdkd_cli import features
+
+    from .helpers import run_cli, sentiment_task, tiny_pair
+
+    task, teacher = sentiment_task(tmp_path), tiny_pair(tmp_path)
+    seen = []
+
+    def probe(s, t, batch, ctx):
+        a, b = s.features["bert.encoder.layer.0"], t.features["bert.encoder.layer.3"]
+        seen.append((tuple(a.shape), a.requires_grad, b.requires_grad))
+        return torch.nn.functional.mse_loss(a, b)
+
+    term = loss_terms.Term("probe", "test: layer-0 output of the student vs layer 3 of the teacher",
+                           lambda r, has_teacher: 0.5, probe, frozenset({"teacher"}),
+                           modules=lambda r: (["bert.encoder.layer.0"], ["bert.encoder.layer.3"]))
+    monkeypatch.setitem(loss_terms.TERMS, "probe", term)
+    closed = []
+    monkeypatch.setattr(features.FeatureTap, "close", lambda self, real=features.FeatureTap.close: closed.append(1) or real(self))
+    args = ["distill", "--data", str(task), "--teacher", str(teacher), "--student-layers", "0,1", "--no-mpo",
+            "--max-steps", "3", "--log-every", "1", "--dev-split", "none", "--batch-size", "8", "--device", "cpu"]
+    rc, out, err = run_cli(args + ["-o", str(tmp_path / "run")], capsys)
+    assert rc == 0, err
+    recs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == [1, 2, 3] and all(r["probe"] > 0 for r in recs)
+    # weighted into the total: loss = kd + 0.5 * probe (alpha 1: no CE)
+    assert all(r["loss"] == pytest.approx(r["kd"] + 0.5 * r["probe"], rel=1e-4) for r in recs)
+    assert seen and all(shape[-1] == 32 and s_grad and not t_grad for shape, s_grad, t_grad in seen)
+    assert len(closed) == 2  # both taps removed when training ended
+
+    bad = loss_terms.Term("probe", "", lambda r, t: 1.0, probe, modules=lambda r: (["bert.encoder.layer.7"], []))
+    monkeypatch.setitem(loss_terms.TERMS, "probe", bad)
+    rc, out, err = run_cli(args + ["-o", str(tmp_path / "run2")], capsys)
+    assert rc == 2 and "student has no module 'bert.encoder.layer.7'" in err and not (tmp_path / "run2").exists()
