@@ -157,6 +157,7 @@ def distill(
     hidden_weight: Optional[float] = typer.Option(None, "--hidden-weight", help=_key_help("hidden_weight")),
     attention_weight: Optional[float] = typer.Option(None, "--attention-weight", help=_key_help("attention_weight")),
     tensor_lambda: Optional[float] = typer.Option(None, "--tensor-lambda", help=_key_help("tensor_lambda")),
+    methods: Optional[List[str]] = typer.Option(None, "--method", help=_key_help("methods", "Repeatable.")),
     lr: Optional[float] = typer.Option(None, "--lr", help=_key_help("lr")),
     mpo_lr: Optional[float] = typer.Option(None, "--mpo-lr", help=_key_help("mpo_lr")),
     weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help=_key_help("weight_decay")),
@@ -220,6 +221,17 @@ def recipes(
     checkpoint.check_output(copy, force)
     checkpoint.atomic_write_text(copy, text)
     render.console().print(f"copied {path.name} -> {copy}; run it with: tdkd distill --recipe {copy} -o RUN")
+
+
+@app.command(epilog=_examples("tdkd methods",
+             "tdkd distill --recipe sst2-demo --method dkd:weight=1,beta=8 -o run",
+             "tdkd distill ... --method sp:weight=3000,student=bert.pooler,teacher=bert.pooler -o run"))
+def methods(as_json: bool = typer.Option(False, "--json", help="Print the list as JSON.")):
+    """List the distillation losses: built-in terms (recipe keys) and methods (--method NAME:options)."""
+    from . import methods as methods_mod, render
+
+    rows = methods_mod.catalogue()
+    render.emit_json(rows) if as_json else render.methods_table(rows)
 
 
 @app.command("eval", epilog=_examples("tdkd eval student --data ../shared/data/glue/SST-2 --task sst2",

@@ -94,9 +94,11 @@ TERMS: dict[str, Term] = {t.name: t for t in (
 LOG_KEYS = ("loss", *TERMS, "grad_norm")
 
 
-def log_keys() -> tuple[str, ...]:
-    """LOG_KEYS of the registry as it is now (a term added at run time gets its own key)."""
-    return ("loss", *TERMS, "grad_norm")
+def log_keys(terms: list[tuple[Term, float]] = ()) -> tuple[str, ...]:
+    """metrics.jsonl keys: LOG_KEYS of the registry as it is now, plus any other active term's name
+    (methods.py terms) before grad_norm."""
+    extra = [t.name for t, _ in terms if t.name not in TERMS]
+    return ("loss", *TERMS, *extra, "grad_norm")
 
 
 def feature_paths(terms: list[tuple[Term, float]], r: Recipe) -> tuple[list[str], list[str]]:

@@ -76,8 +76,8 @@ def setup(r: Recipe, num_labels: int, reporter: Reporter) -> Pair:
 
 def _load_teacher(r: Recipe, num_labels: int) -> models.Loaded | None:
     if no_teacher(r.teacher):
-        if r.tensor_lambda > 0 or r.hidden_weight > 0 or r.attention_weight > 0 or r.layer_map:
-            raise UsageError("hidden_weight, attention_weight, tensor_lambda and layer_map need a teacher (teacher is 'none')")
+        if r.tensor_lambda > 0 or r.hidden_weight > 0 or r.attention_weight > 0 or r.layer_map or r.methods:
+            raise UsageError("hidden_weight, attention_weight, tensor_lambda, layer_map and methods need a teacher (teacher is 'none')")
         return None
     teacher = load_any(r.teacher, init=r.init, num_labels=num_labels, weights=r.teacher_weights, seed=r.seed, keep_head=True)
     t_out = num_outputs(teacher)

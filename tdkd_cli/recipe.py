@@ -58,6 +58,7 @@ class Recipe:
     hidden_weight: float = _key(0.0, 'Weight of the hidden-state MSE (student layer i vs its layer_map partner).')
     attention_weight: float = _key(0.0, 'Weight of the attention-map MSE (same layer map; heads must match).')
     tensor_lambda: float = _key(0.0, 'Weight lambda of the OPDF tensor constraint loss on the auxiliary cores.')
+    methods: tuple[str, ...] | None = _key(None, "Distillation methods added to the loss, each 'NAME:weight=W,option=value,...', e.g. 'dkd:weight=1,beta=8' or 'sp:weight=3000,student=bert.pooler,teacher=bert.pooler' (list them: tdkd methods).")
     # optimisation
     lr: float = _key(5e-05, 'AdamW learning rate of the dense parameters.')
     mpo_lr: float | None = _key(None, 'Learning rate of the MPO cores (default: lr).')

@@ -95,7 +95,7 @@ def distill_summary(report: dict, output) -> None:
 class DistillReporter:
     """Rich progress bar on a terminal; plain log lines on stderr otherwise (CI logs, pipes)."""
 
-    TERMS = ("kd", "ce", "hidden", "attention", "tensor")
+    NOT_TERMS = ("step", "epoch", "lr", "loss", "grad_norm", "examples_per_s")
 
     def __init__(self, quiet: bool):
         self.quiet = quiet
@@ -120,7 +120,7 @@ class DistillReporter:
         self.bar = self.progress.add_task("", total=total, completed=start_step)
 
     def step(self, step: int, total: int, rec: dict) -> None:
-        parts = [f"loss {rec['loss']:.4g}"] + [f"{k} {rec[k]:.4g}" for k in self.TERMS if rec.get(k)]
+        parts = [f"loss {rec['loss']:.4g}"] + [f"{k} {v:.4g}" for k, v in rec.items() if k not in self.NOT_TERMS and v]
         text = " ".join(parts) + f" | {rec['examples_per_s']:.1f} ex/s"
         if self.progress is not None:
             self.progress.update(self.bar, completed=step, description=text)
@@ -172,3 +172,12 @@ def bench_report(report: dict) -> None:
             console().print(f"{r['name']}: no baseline entry")
         else:
             console().print(f"{r['name']}: {r['gate']} {r['baseline']:.4g} -> {r['current']:.4g} ({r['change']:+.1%}) {r['status']}")
+
+
+def methods_table(rows: list[dict]) -> None:
+    t = _table("distillation losses (combine any of them; each works with dense and MPO students)",
+               ("name", "kind", "paper", "how to switch it on", "options [default]", "models"))
+    for r in rows:
+        opts = ", ".join(f"{k} [{v['default']}]" if v["default"] is not None else k for k, v in r["options"].items())
+        t.add_row(r["name"], r["kind"], r["paper"], r["recipe"], opts or "-", r["families"])
+    console().print(t)

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from . import __version__
-from . import distributed, loss_terms, pair as pair_mod, recipe as recipe_mod, run_dir, tensorize, training_data
+from . import distributed, loss_terms, methods, pair as pair_mod, recipe as recipe_mod, run_dir, tensorize, training_data
 from .distributed import Dist
 from .errors import Interrupted, TrainingDiverged, UsageError
 from .evaluate import evaluate_images, evaluate_text
@@ -112,6 +112,7 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
 def _setup_recipe(r: Recipe, out: Path, resume: bool, force: bool, explicit: set[str]) -> tuple[Recipe, str, Dist]:
     if not resume:
         recipe_mod.check_ranges(r)
+        methods.terms(r.methods)  # a bad method spec is a usage error before anything happens
     device, dist = distributed.setup(r.device)
     run_dir.prepare(out, resume, force, dist)
     if resume:
@@ -314,7 +315,7 @@ class Training:
 
     def __post_init__(self):
         self.model = self.pair.student.model
-        self.terms = loss_terms.active(self.r, self.pair.teacher is not None)
+        self.terms = loss_terms.active(self.r, self.pair.teacher is not None) + methods.terms(self.r.methods)
         self.batch_terms = [(t, w) for t, w in self.terms if not t.per_step]
         self.step_terms = [(t, w) for t, w in self.terms if t.per_step]
         self.batch_needs = loss_terms.needs(self.terms)
@@ -324,7 +325,7 @@ class Training:
             teacher_cores=self.pair.teacher_cores, core_pairs=self.pair.core_pairs)
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
         self.warmup = int(self.r.warmup_ratio * self.total)
-        self.log_keys = loss_terms.log_keys()
+        self.log_keys = loss_terms.log_keys(self.terms)
         self.log = _LogWindow(keys=self.log_keys)
         s_paths, t_paths = loss_terms.feature_paths(self.terms, self.r)
         self.taps = {"student": FeatureTap(self.model, s_paths, "student") if s_paths else None,

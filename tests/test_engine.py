@@ -15,7 +15,7 @@ from tdkd_cli.features import FeatureTap
 from tdkd_cli.train import Progress
 
 NOT_RECIPE = {"ctx", "output", "recipe", "resume", "force", "as_json"}
-FLAG_EXCEPTIONS = {"text_columns": "--text-column"}  # one column per flag, repeatable
+FLAG_EXCEPTIONS = {"text_columns": "--text-column", "methods": "--method"}  # one column per flag, repeatable
 
 
 def _distill_command() -> click.Command:
