@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from . import checkpoint as ckpt
-from . import model_files
+from . import model_files, tensorize
 from .distributed import Dist
 from .errors import CheckpointError, UsageError
 
@@ -235,8 +235,6 @@ def save_best(out: Path, model: nn.Module, source: dict, tok_dir: Path | None, b
 def restore(cdir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, connectors: dict[str, nn.Module],
             dist: Dist, device: str) -> None:
     """Load a full-state checkpoint into this process's model, optimizer, connectors and RNG."""
-    from . import tensorize
-
     manifest, tensors = ckpt.load_mpo_checkpoint(cdir)
     if set(manifest["layers"]) != set(tensorize.mpo_modules(model)):
         raise CheckpointError(f"{cdir}: its MPO layers differ from this run's student")

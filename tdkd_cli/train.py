@@ -326,6 +326,7 @@ class Training:
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
         self.warmup = int(self.r.warmup_ratio * self.total)
         self.log_keys = loss_terms.log_keys(self.terms)
+        self.slot = {k: i for i, k in enumerate(self.log_keys)}  # term name -> index in a step's terms vector
         self.log = _LogWindow(keys=self.log_keys)
         s_paths, t_paths = loss_terms.feature_paths(self.terms, self.r)
         self.taps = {"student": FeatureTap(self.model, s_paths, "student") if s_paths else None,
@@ -380,7 +381,7 @@ class Training:
         for g in self.optimizer.param_groups:
             g["lr"] = self.base_lrs[g["name"]] * lr_factor(step, self.total, self.warmup)
         terms = torch.zeros(len(self.log_keys), dtype=torch.float64)
-        slot = {k: i for i, k in enumerate(self.log_keys)}
+        slot = self.slot
         rebuilt = tensorize.RebuiltWeights(self.model, grad=True)
         try:
             for m in range(accum):
@@ -421,7 +422,7 @@ class Training:
         if not (math.isfinite(float(terms[0])) and math.isfinite(float(terms[-1]))):
             prev = run_dir.checkpoint_dirs(self.out)
             keep = f"the last good checkpoint is {prev[-1]}" if prev else "no checkpoint was written yet"
-            kd, ce = (float(terms[self.log_keys.index(k)]) for k in ("kd", "ce"))
+            kd, ce = (float(terms[self.slot[k]]) for k in ("kd", "ce"))
             raise TrainingDiverged(
                 f"loss became {'NaN' if math.isnan(float(terms[0])) else 'infinite'} at step {self.progress.step + 1} "
                 f"(kd {kd:.4g}, ce {ce:.4g}, grad norm {float(terms[-1]):.4g}); "
