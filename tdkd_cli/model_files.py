@@ -8,6 +8,7 @@ this module connects it to model objects.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from . import __version__
@@ -100,6 +101,7 @@ def _check_source_fits(manifest: dict, tensors: dict, where: Path) -> None:
     before a real model of that size is allocated."""
     import torch
 
+    _check_repeat_counts(manifest["source"], tensors, where)
     with torch.device("meta"):
         skeleton = models.build_from_source(manifest["source"], where=where)
     shapes = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
@@ -112,6 +114,30 @@ def _check_source_fits(manifest: dict, tensors: dict, where: Path) -> None:
         stored = tensors.get(key)
         if stored is not None and tuple(stored.shape) != shape:
             raise CheckpointError(f"{where}: source describes {key} as {list(shape)}, the checkpoint holds {list(stored.shape)}")
+
+
+# Fields that set how many times a module is repeated: building even on the meta device costs time
+# per module, so a damaged count (10**9 layers) would never finish. Each repeated module holds at
+# least one stored tensor, so a count above the number of stored tensors cannot be this checkpoint.
+_REPEAT_KEY = re.compile(r"(layers?$|^n_layer|experts|blocks$|^depths?$)")
+
+
+def _check_repeat_counts(source: dict, tensors: dict, where: Path) -> None:
+    fields = source.get("config") if source.get("family") == "hf" else source.get("kwargs")
+    label = "source.config" if source.get("family") == "hf" else "source.kwargs"
+    for key, value in (fields or {}).items():
+        if not isinstance(key, str) or not _REPEAT_KEY.search(key):
+            continue
+        counts = value if isinstance(value, (list, tuple)) else [value]
+        total = sum(v for v in counts if isinstance(v, int) and not isinstance(v, bool))
+        if total > len(tensors):
+            raise CheckpointError(f"{where}: {label}.{key} asks for {total} repeated modules, "
+                                  f"the checkpoint holds only {len(tensors)} tensors")
+    labels = (fields or {}).get("num_labels") if source.get("family") == "hf" else (fields or {}).get("num_classes")
+    elements = sum(int(t.numel()) for t in tensors.values())
+    if isinstance(labels, int) and not isinstance(labels, bool) and labels > elements:
+        raise CheckpointError(f"{where}: {label} asks for {labels} output classes, "
+                              f"the checkpoint holds only {elements} numbers")
 
 
 def load_any(spec: str, *, init: str = "pretrained", num_labels: int | None = None, weights: str | None = None,

@@ -179,7 +179,7 @@ json_values = st.recursive(st.none() | st.booleans() | st.integers(-5, 5000) | s
                            max_leaves=12)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_mutated_checkpoints_only_raise_tdkd_errors(good_ckpt, tmp_path_factory, data):
     import shutil
@@ -280,6 +280,7 @@ def _set(key, value):
     ("layer_norm_eps", "tiny", "source.config.layer_norm_eps must be a finite number"),
     ("is_decoder", 3, "source.config.is_decoder must be true or false"),
     ("vocab_size", 10**9, "source describes bert.embeddings.word_embeddings.weight as [1000000000, 16]"),
+    ("num_hidden_layers", 10**9, "source.config.num_hidden_layers asks for 1000000000 repeated modules"),  # hung CI
     ("num_attention_heads", 3, "source.config does not build a BertForSequenceClassification"),
     ("architecture", "NoSuchModel", "transformers has no model class 'NoSuchModel'"),
 ])
@@ -298,7 +299,7 @@ config_values = st.one_of(st.none(), st.booleans(), st.integers(-3, 3), st.sampl
                           st.text(max_size=4), st.lists(st.integers(), max_size=2), st.dictionaries(st.text(max_size=2), st.integers(), max_size=2))
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_mutated_source_config_only_raises_tdkd_errors(good_ckpt, tmp_path_factory, data):
     """Every loader (manifest, MPO model, any model, a forward pass of what loads) fails only with
