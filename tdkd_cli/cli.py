@@ -160,6 +160,7 @@ def distill(
     methods: Optional[List[str]] = typer.Option(None, "--method", help=_key_help("methods", "Repeatable.")),
     lr: Optional[float] = typer.Option(None, "--lr", help=_key_help("lr")),
     mpo_lr: Optional[float] = typer.Option(None, "--mpo-lr", help=_key_help("mpo_lr")),
+    connector_lr: Optional[float] = typer.Option(None, "--connector-lr", help=_key_help("connector_lr")),
     weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help=_key_help("weight_decay")),
     warmup_ratio: Optional[float] = typer.Option(None, "--warmup-ratio", help=_key_help("warmup_ratio")),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help=_key_help("batch_size")),

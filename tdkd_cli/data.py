@@ -49,7 +49,7 @@ TASKS: dict[str, Task] = {
 TASK_ALIASES = {"sst-2": "sst2", "sts-b": "stsb", "glue/sst-2": "sst2"}
 
 
-BUILTIN_DATA = {"sst2-sample": "sst2"}
+BUILTIN_DATA = {"sst2-sample": "sst2", "digits": None}
 
 
 def resolve_data(spec: str) -> tuple[Path, str | None]:
@@ -58,8 +58,30 @@ def resolve_data(spec: str) -> tuple[Path, str | None]:
         name = str(spec).split(":", 1)[1]
         if name not in BUILTIN_DATA:
             raise UsageError(f"unknown built-in data set {name!r} (known: {', '.join('builtin:' + k for k in BUILTIN_DATA)})")
+        if name == "digits":
+            return digits_folder(_cache_root() / "digits-v1"), None
         return Path(__file__).resolve().parent / "data" / name, BUILTIN_DATA[name]
     return Path(spec).expanduser(), None
+
+
+def digits_folder(path: Path) -> Path:
+    """scikit-learn's bundled handwritten digits (1,797 real 8x8 scans, 10 classes) as an image
+    folder PATH/{train,dev}/CLASS/i.png, made once (atomically); every fifth image is in dev."""
+    from .checkpoint import atomic_dir
+
+    if (path / "train").is_dir() and (path / "dev").is_dir():
+        return path
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_dir(path, force=True) as tmp:
+        for i, (image, label) in enumerate(zip(digits.images, digits.target)):
+            cls = tmp / ("dev" if i % 5 == 0 else "train") / str(int(label))
+            cls.mkdir(parents=True, exist_ok=True)
+            Image.fromarray((image * 255 / 16).astype("uint8")).convert("RGB").save(cls / f"{i:04d}.png")
+    return path
 
 
 def get_task(name: str) -> Task:
@@ -277,11 +299,14 @@ class Encoded:
         return [len(x) for x in self.input_ids]
 
 
-def _cache_dir() -> Path:
+def _cache_root() -> Path:
     import os
 
-    root = os.environ.get("TDKD_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "tdkd")
-    return Path(root) / "tokens"
+    return Path(os.environ.get("TDKD_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "tdkd"))
+
+
+def _cache_dir() -> Path:
+    return _cache_root() / "tokens"
 
 
 def _cache_key(text: TextData, tokenizer_dir: Path | None, max_length: int) -> str | None:

@@ -55,6 +55,17 @@ class Term:
     modules: Callable[[Recipe], tuple[list[str], list[str]]] | None = None
 
 
+def forward(model: nn.Module, family: str, batch: dict, needs: frozenset = frozenset()) -> Outputs:
+    """One forward pass as Outputs: a timm model takes images, an HF model token ids (and returns
+    hidden states / attention maps when the terms need them)."""
+    if family == "timm":
+        return Outputs(model(batch["x"]))
+    hidden, attn = "hidden" in needs, "attentions" in needs
+    kwargs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
+    res = model(**kwargs, output_hidden_states=hidden or None, output_attentions=attn or None)
+    return Outputs(res.logits, res.hidden_states if hidden else None, res.attentions if attn else None)
+
+
 def _kd(s, t, batch, ctx):
     return losses.kd_loss(s.logits, t.logits, ctx.temperature)
 

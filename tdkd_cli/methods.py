@@ -3,99 +3,31 @@
 
 A method works with dense and over-parameterized (MPO) students alike and combines with every other
 term, the tensor constraint included: it becomes one more entry of the weighted sum in
-loss_terms, logged under its own name. Feature and relation methods read the outputs of modules
-named by dotted path (``student=`` / ``teacher=``), captured with forward hooks; token features
-(batch, tokens, width) and feature maps are flattened per example. Relation methods compare
-example-to-example relations, so student and teacher widths may differ.
+loss_terms, logged under its own name. The formulas are method_losses.py's.
 
-The formulas are written out in the functions below (the papers' definitions).
+Feature and relation methods read the outputs of modules named by dotted path, captured with
+forward hooks: ``student=PATH,teacher=PATH``. Several pairs are joined with ``+``
+(``student=a+b,teacher=c+d``; the loss is their mean), and ``*`` pairs the layers of the run's
+layer map (``student=bert.encoder.layer.*,teacher=bert.encoder.layer.*`` compares student layer i
+with teacher layer g(i)). A run binds its methods to the models once (``bind``): paths are
+expanded and resolved, one forward pass on the first batch gives the feature shapes, shapes are
+checked and connectors (FitNets) are built, all before the run directory is written.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
+from torch import nn
 
 from . import loss_terms
+from . import method_losses as ml
 from .errors import UsageError
 
-
-# ----------------------------------------------------------------------------------------------
-# The losses
-# ----------------------------------------------------------------------------------------------
-def dkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
-             alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0) -> torch.Tensor:
-    """Decoupled KD (Zhao et al., CVPR 2022): T^2 (alpha * TCKD + beta * NCKD), batch mean.
-    TCKD = KL(b_t || b_s) of the binary (target, all other classes) probabilities; NCKD = KL of the
-    distributions over the non-target classes alone; all at temperature T."""
-    t = temperature
-    zs, zt = student_logits.float() / t, teacher_logits.detach().float() / t
-    target = F.one_hot(labels, zs.shape[-1]).bool()
-    ps, pt = zs.softmax(-1), zt.softmax(-1)
-    bs = torch.stack([ps[target], 1 - ps[target]], -1).clamp_min(1e-12)
-    bt = torch.stack([pt[target], 1 - pt[target]], -1).clamp_min(1e-12)
-    tckd = (bt * (bt.log() - bs.log())).sum(-1).mean()
-    log_qs = zs.masked_fill(target, -1e9).log_softmax(-1)
-    log_qt = zt.masked_fill(target, -1e9).log_softmax(-1)
-    nckd = (log_qt.exp() * (log_qt - log_qs)).masked_fill(target, 0.0).sum(-1).mean()
-    return (t * t) * (alpha * tckd + beta * nckd)
-
-
-def _pearson_rows(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    a, b = a - a.mean(-1, keepdim=True), b - b.mean(-1, keepdim=True)
-    return (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1) + eps)
-
-
-def dist_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, beta: float = 1.0, gamma: float = 1.0,
-              temperature: float = 1.0) -> torch.Tensor:
-    """DIST (Huang et al., NeurIPS 2022): T^2 (beta * inter + gamma * intra) with
-    inter = 1 - mean over examples of the Pearson correlation of the softened predictions, and
-    intra = 1 - mean over classes of the Pearson correlation across the batch."""
-    t = temperature
-    ys, yt = (student_logits.float() / t).softmax(-1), (teacher_logits.detach().float() / t).softmax(-1)
-    inter = 1 - _pearson_rows(ys, yt).mean()
-    intra = 1 - _pearson_rows(ys.T, yt.T).mean()
-    return (t * t) * (beta * inter + gamma * intra)
-
-
-def _flat(x: torch.Tensor) -> torch.Tensor:
-    return x.float().reshape(x.shape[0], -1)
-
-
-def sp_loss(student_feat: torch.Tensor, teacher_feat: torch.Tensor) -> torch.Tensor:
-    """Similarity-preserving KD (Tung & Mori, ICCV 2019): ||G_s - G_t||_F^2 / B^2, where G is the
-    batch Gram matrix of the flattened features with each row scaled to unit L2 norm."""
-    fs, ft = _flat(student_feat), _flat(teacher_feat.detach())
-    gs, gt = F.normalize(fs @ fs.T, dim=1), F.normalize(ft @ ft.T, dim=1)
-    b = fs.shape[0]
-    return ((gs - gt) ** 2).sum() / (b * b)
-
-
-def _distances(f: torch.Tensor) -> torch.Tensor:
-    """Pairwise Euclidean distances divided by their mean over distinct pairs."""
-    d = torch.cdist(f, f)
-    off = ~torch.eye(f.shape[0], dtype=torch.bool, device=f.device)
-    return d / d[off].mean().clamp_min(1e-12)
-
-
-def _angles(f: torch.Tensor) -> torch.Tensor:
-    """cos of the angle at j between examples i and k: <e_ij, e_kj> for unit vectors e_ij = (f_i - f_j)/|.|."""
-    e = F.normalize(f.unsqueeze(0) - f.unsqueeze(1), p=2, dim=2)  # e[j, i] = unit(f_i - f_j)
-    return torch.bmm(e, e.transpose(1, 2))  # [j, i, k]
-
-
-def rkd_loss(student_feat: torch.Tensor, teacher_feat: torch.Tensor, distance_weight: float = 25.0,
-             angle_weight: float = 50.0) -> torch.Tensor:
-    """Relational KD (Park et al., CVPR 2019): Huber loss between the distance-wise potentials
-    (pairwise distances over their mean) plus the angle-wise potentials (cosines of the angles
-    formed by every triplet) of student and teacher features, weighted."""
-    fs, ft = _flat(student_feat), _flat(teacher_feat.detach())
-    loss = distance_weight * F.smooth_l1_loss(_distances(fs), _distances(ft))
-    return loss + angle_weight * F.smooth_l1_loss(_angles(fs), _angles(ft))
+Shape = tuple
 
 
 # ----------------------------------------------------------------------------------------------
@@ -107,43 +39,121 @@ class Method:
     kind: str  # response | feature | relation
     paper: str
     options: dict  # option -> (default, help); every method also takes weight
-    compute: Callable  # (student Outputs, teacher Outputs, batch, options) -> scalar
+    # response methods: (student Outputs, teacher Outputs, batch, options) -> scalar
+    # feature methods: (student features, teacher features, batch, options, connector) -> scalar, per pair
+    compute: Callable
     families: str = "text, ViT"  # timm CNNs: once convolutions can be over-parameterized
     features: bool = False  # reads module outputs named by student= / teacher=
+    check: Callable[[Shape, Shape], str | None] | None = None  # why a pair of feature shapes cannot be compared
+    connector: Callable[[Shape, Shape], nn.Module | None] | None = None  # built when the shapes need one
 
 
 def _response(fn, *keys):
     return lambda s, t, batch, o: fn(s.logits, t.logits, *[o[k] for k in keys])
 
 
-def _relation(fn, *keys):
-    return lambda s, t, batch, o: fn(s.features[o["student"]], t.features[o["teacher"]], *[o[k] for k in keys])
+def _pairwise(fn, *keys):
+    return lambda sf, tf, batch, o, conn: fn(sf[0], tf[0], *[o[k] for k in keys])
 
 
-_PATHS = {"student": (None, "dotted path of the student module whose output is compared"),
-          "teacher": (None, "dotted path of the teacher module paired with it")}
+def _token_mask(feat: torch.Tensor, batch: dict) -> torch.Tensor | None:
+    mask = batch.get("attention_mask")
+    return mask if mask is not None and feat.ndim == 3 and feat.shape[:2] == mask.shape else None
+
+
+def _fitnet(sf, tf, batch, o, conn):
+    s = sf[0] if conn is None else _apply_connector(conn, sf[0])
+    return ml.fitnet_loss(s, tf[0], _token_mask(tf[0], batch))
+
+
+def _apply_connector(conn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return conn(x.to(next(conn.parameters()).dtype))
+
+
+def _fitnet_check(s: Shape, t: Shape) -> str | None:
+    if len(s) != len(t) or len(s) not in (2, 3, 4):
+        return "FitNets compares vectors, token features or feature maps of the same rank"
+    if len(s) == 4 and s[2:] != t[2:]:
+        return "feature maps of FitNets need the same height and width"
+    if len(s) == 3 and s[1] != t[1]:
+        return "token features of FitNets need the same number of tokens"
+    return None
+
+
+def _fitnet_connector(s: Shape, t: Shape) -> nn.Module | None:
+    if len(s) == 4:
+        return nn.Conv2d(s[1], t[1], kernel_size=1) if s[1] != t[1] else None
+    return nn.Linear(s[-1], t[-1]) if s[-1] != t[-1] else None
+
+
+def _at_check(s: Shape, t: Shape) -> str | None:
+    if len(s) not in (3, 4) or len(t) != len(s):
+        return "attention transfer needs token features or feature maps (with positions) on both sides"
+    positions = (lambda x: x[1] if len(x) == 3 else x[2:])
+    if positions(s) != positions(t):
+        return "attention transfer needs the same positions (tokens, or height and width) on both sides"
+    return None
+
+
+def _minilm(sf, tf, batch, o, heads):
+    qs, ks, vs = sf[0].chunk(3, -1) if len(sf) == 1 else sf
+    qt, kt, vt = tf[0].chunk(3, -1) if len(tf) == 1 else tf
+    mask = batch.get("attention_mask") if batch.get("attention_mask") is not None and qs.shape[1] == batch["attention_mask"].shape[1] else None
+    loss = qs.new_zeros((), dtype=torch.float32)
+    if o["attention_weight"] > 0:
+        loss = loss + o["attention_weight"] * ml.relation_kl((qs, ks), (qt, kt), heads, mask)
+    if o["value_weight"] > 0:
+        loss = loss + o["value_weight"] * ml.relation_kl((vs, vs), (vt, vt), heads, mask)
+    return loss
+
+
+_PATHS = {"student": (None, "student module(s): dotted paths joined by '+', '*' = each layer of the layer map"),
+          "teacher": (None, "teacher module(s) paired with them, in the same order")}
 
 METHODS: dict[str, Method] = {m.name: m for m in (
     Method("dkd", "response", "Decoupled KD, Zhao et al., CVPR 2022",
            {"alpha": (1.0, "weight of target-class KD"), "beta": (8.0, "weight of non-target-class KD"),
             "temperature": (4.0, "temperature T")},
-           lambda s, t, batch, o: dkd_loss(s.logits, t.logits, batch["labels"], o["alpha"], o["beta"], o["temperature"])),
+           lambda s, t, batch, o: ml.dkd_loss(s.logits, t.logits, batch["labels"], o["alpha"], o["beta"], o["temperature"])),
     Method("dist", "response", "DIST, Huang et al., NeurIPS 2022",
            {"beta": (1.0, "weight of the inter-class (per example) relation"),
             "gamma": (1.0, "weight of the intra-class (per class, across the batch) relation"),
             "temperature": (1.0, "temperature T")},
-           _response(dist_loss, "beta", "gamma", "temperature")),
+           _response(ml.dist_loss, "beta", "gamma", "temperature")),
+    Method("fitnet", "feature", "Hints (FitNets), Romero et al., ICLR 2015", dict(_PATHS),
+           _fitnet, features=True, check=_fitnet_check, connector=_fitnet_connector),
+    Method("at", "feature", "Attention transfer, Zagoruyko & Komodakis, ICLR 2017",
+           dict(_PATHS, p=(2.0, "exponent p of the attention map sum_c |F_c|^p")),
+           _pairwise(ml.at_loss, "p"), features=True, check=_at_check),
+    Method("minilm", "feature", "MiniLM self-attention and value relations, Wang et al., NeurIPS 2020",
+           dict(student=(None, "student attention module(s) (with query/key/value or qkv projections), '+'/'*' as above"),
+                teacher=(None, "teacher attention module(s) paired with them"),
+                heads=(0.0, "relation heads; 0 = the attention modules' own head count (must then be equal)"),
+                attention_weight=(1.0, "weight of the attention-distribution KL (queries x keys)"),
+                value_weight=(1.0, "weight of the value-relation KL (values x values)")),
+           _minilm, features=True),
     Method("sp", "relation", "Similarity-preserving KD, Tung & Mori, ICCV 2019", dict(_PATHS),
-           _relation(sp_loss), features=True),
+           _pairwise(ml.sp_loss), features=True),
     Method("rkd", "relation", "Relational KD, Park et al., CVPR 2019",
            dict(_PATHS, distance_weight=(25.0, "weight of the distance-wise potential"),
                 angle_weight=(50.0, "weight of the angle-wise potential")),
-           _relation(rkd_loss, "distance_weight", "angle_weight"), features=True),
+           _pairwise(ml.rkd_loss, "distance_weight", "angle_weight"), features=True),
+    Method("cc", "relation", "Correlation congruence, Peng et al., ICCV 2019",
+           dict(_PATHS, gamma=(0.4, "Gaussian kernel width gamma"), order=(2.0, "order P of the kernel's Taylor series")),
+           _pairwise(ml.cc_loss, "gamma", "order"), features=True),
 )}
 
 
-def parse(spec: str) -> tuple[Method, float, dict]:
-    """'NAME[:weight=W,option=value,...]' -> (method, weight, options with defaults filled in)."""
+@dataclass(frozen=True)
+class Spec:
+    method: Method
+    weight: float
+    options: dict
+    text: str
+
+
+def parse(spec: str) -> Spec:
+    """'NAME[:weight=W,option=value,...]' -> Spec (options with defaults filled in)."""
     name, _, rest = spec.strip().partition(":")
     method = METHODS.get(name.strip().lower())
     if method is None:
@@ -159,40 +169,198 @@ def parse(spec: str) -> tuple[Method, float, dict]:
         if key in ("student", "teacher"):
             opts[key] = value.strip()
             continue
-        try:
-            number = float(value)
-        except ValueError:
-            raise UsageError(f"method {spec!r}: {key} must be a number (got {value.strip()!r})") from None
-        if not math.isfinite(number) or number < 0:
-            raise UsageError(f"method {spec!r}: {key} must be a finite number >= 0 (got {value.strip()!r})")
+        number = _number(spec, key, value)
         if key == "weight":
             weight = number
         else:
             opts[key] = number
     if "temperature" in opts and opts["temperature"] <= 0:
         raise UsageError(f"method {spec!r}: temperature must be positive")
+    for key in ("heads", "order"):
+        if key in opts and opts[key] != int(opts[key]):
+            raise UsageError(f"method {spec!r}: {key} must be a whole number (got {opts[key]:g})")
     missing = [k for k in ("student", "teacher") if method.features and not opts.get(k)]
     if missing:
         raise UsageError(f"method {spec!r}: {method.name} needs {' and '.join(f'{k}=MODULE' for k in missing)} "
                          "(dotted module paths, e.g. student=bert.pooler,teacher=bert.pooler)")
-    return method, weight, opts
+    return Spec(method, weight, opts, spec)
 
 
-def terms(specs) -> list[tuple[loss_terms.Term, float]]:
-    """(term, weight) per method spec of a recipe, as loss_terms entries that need the teacher."""
-    out, seen = [], set()
-    for spec in specs or ():
-        method, weight, opts = parse(spec)
-        if method.name in seen:
-            raise UsageError(f"method {method.name} is given twice; combine its options in one --method")
-        seen.add(method.name)
-        paths = (lambda r, o=opts: ([o["student"]], [o["teacher"]])) if method.features else None
-        term = loss_terms.Term(method.name, method.paper, lambda r, t, w=weight: w if t else 0.0,
-                               lambda s, t, batch, ctx, m=method, o=opts: m.compute(s, t, batch, o),
-                               frozenset({"teacher"}), modules=paths)
-        if weight > 0:
-            out.append((term, weight))
+def _number(spec: str, key: str, value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise UsageError(f"method {spec!r}: {key} must be a number (got {value.strip()!r})") from None
+    if not math.isfinite(number) or number < 0:
+        raise UsageError(f"method {spec!r}: {key} must be a finite number >= 0 (got {value.strip()!r})")
+    return number
+
+
+def parse_all(specs) -> list[Spec]:
+    """Every spec of a recipe, each method at most once."""
+    out = []
+    for text in specs or ():
+        spec = parse(text)
+        if spec.method.name in {s.method.name for s in out}:
+            raise UsageError(f"method {spec.method.name} is given twice; combine its options in one --method")
+        out.append(spec)
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Binding methods to a run's models
+# ----------------------------------------------------------------------------------------------
+def expand_pairs(spec: Spec, layer_map: list[int] | None) -> list[tuple[str, str]]:
+    """(student path, teacher path) pairs of a feature method: '+' joins pairs, '*' is each
+    student layer i paired with teacher layer layer_map[i]."""
+    s_items = [p.strip() for p in spec.options["student"].split("+")]
+    t_items = [p.strip() for p in spec.options["teacher"].split("+")]
+    if len(s_items) != len(t_items) or not all(s_items + t_items):
+        raise UsageError(f"method {spec.text!r}: student= and teacher= must name the same number of modules "
+                         f"(got {len(s_items)} and {len(t_items)})")
+    pairs = []
+    for s, t in zip(s_items, t_items):
+        if ("*" in s) != ("*" in t):
+            raise UsageError(f"method {spec.text!r}: '*' must appear in both paths of a pair ({s!r}, {t!r})")
+        if "*" not in s:
+            pairs.append((s, t))
+            continue
+        if not layer_map:
+            raise UsageError(f"method {spec.text!r}: '*' pairs layers by the layer map, and these models have no layer "
+                             "stack tdkd recognises; name the modules one by one")
+        pairs += [(s.replace("*", str(i)), t.replace("*", str(j))) for i, j in enumerate(layer_map)]
+    return pairs
+
+
+def _attention_parts(model: nn.Module, path: str, role: str, spec: Spec) -> tuple[list[str], int | None]:
+    """The projection paths of an attention module (query/key/value children, or one fused qkv)
+    and its own head count."""
+    from .features import resolve_paths
+
+    module = resolve_paths(model, [path], role)[path]
+    children = dict(module.named_children())
+    heads = getattr(module, "num_attention_heads", None) or getattr(module, "num_heads", None)
+    if all(k in children for k in ("query", "key", "value")):
+        return [f"{path}.query", f"{path}.key", f"{path}.value"], heads
+    if "qkv" in children:
+        return [f"{path}.qkv"], heads
+    raise UsageError(f"method {spec.text!r}: {role} module {path!r} ({type(module).__name__}) has no query/key/value "
+                     "or qkv projections; name an attention module (e.g. bert.encoder.layer.0.attention.self or blocks.0.attn)")
+
+
+@dataclass
+class Bound:
+    """A run's methods bound to its models: loss terms with weights, and the connectors they train."""
+
+    terms: list = field(default_factory=list)  # (loss_terms.Term, weight)
+    connectors: dict = field(default_factory=dict)  # name -> nn.Module
+    notes: list = field(default_factory=list)  # one line per connector, for the run summary
+
+
+def bind(specs, student: nn.Module, teacher: nn.Module | None, layer_map: list[int] | None,
+         probe: Callable[[list[str], list[str]], tuple[dict, dict]], seed: int = 0) -> Bound:
+    """Resolve every method of ``specs`` against the models. ``probe(student paths, teacher paths)``
+    returns the output shapes of those modules on one batch. Connectors are created with
+    ``seed`` (the same on every run and resume)."""
+    bound = Bound()
+    feature_specs = []
+    for spec in parse_all(specs):
+        if not spec.method.features:
+            if spec.weight > 0:
+                bound.terms.append((_response_term(spec), spec.weight))
+            continue
+        feature_specs.append((spec, _feature_pairs(spec, student, teacher, layer_map)))
+    if not feature_specs:
+        return bound
+    s_paths = [p for _, pairs in feature_specs for ps, _ in pairs for p in ps]
+    t_paths = [p for _, pairs in feature_specs for _, pt in pairs for p in pt]
+    s_shapes, t_shapes = probe(list(dict.fromkeys(s_paths)), list(dict.fromkeys(t_paths)))
+    torch.manual_seed(seed)
+    for spec, pairs in feature_specs:
+        extra = _check_pairs(spec, pairs, s_shapes, t_shapes, student, teacher)
+        conns = []
+        for k, (ps, pt) in enumerate(pairs):
+            conn = spec.method.connector(s_shapes[ps[0]], t_shapes[pt[0]]) if spec.method.connector else None
+            if conn is not None:
+                name = f"{spec.method.name}.{k}"
+                bound.connectors[name] = conn
+                bound.notes.append(f"{name}: {_describe(conn)} from {ps[0]} to {pt[0]}")
+            conns.append(conn)
+        if spec.weight > 0:
+            bound.terms.append((_feature_term(spec, pairs, conns, extra), spec.weight))
+    return bound
+
+
+def _feature_pairs(spec: Spec, student, teacher, layer_map) -> list[tuple[list[str], list[str]]]:
+    pairs = expand_pairs(spec, layer_map)
+    if spec.method.name != "minilm":
+        return [([s], [t]) for s, t in pairs]
+    return [(_attention_parts(student, s, "student", spec)[0], _attention_parts(teacher, t, "teacher", spec)[0])
+            for s, t in pairs]
+
+
+def _check_pairs(spec: Spec, pairs, s_shapes: dict, t_shapes: dict, student, teacher):
+    """One clear error for a pair that cannot be compared; MiniLM's relation heads per pair."""
+    heads = []
+    for ps, pt in pairs:
+        s, t = s_shapes[ps[0]], t_shapes[pt[0]]
+        why = spec.method.check(s, t) if spec.method.check else None
+        if s[0] != t[0]:
+            why = "the two modules see different batch sizes"
+        if spec.method.name == "minilm":
+            why, h = _minilm_heads(spec, ps, pt, s, t, student, teacher)
+            heads.append(h)
+        if why:
+            raise UsageError(f"method {spec.method.name}: cannot compare student {ps[0]} {list(s)} with teacher {pt[0]} "
+                             f"{list(t)}: {why}")
+    return heads
+
+
+def _minilm_heads(spec: Spec, ps, pt, s: Shape, t: Shape, student, teacher) -> tuple[str | None, tuple[int, int]]:
+    if len(s) != 3 or len(t) != 3:
+        return "MiniLM needs token projections (batch, tokens, width)", (0, 0)
+    if s[1] != t[1]:
+        return "MiniLM needs the same number of tokens on both sides", (0, 0)
+    n = int(spec.options["heads"])
+    if n:
+        hs = ht = n
+    else:
+        hs = _attention_parts(student, ps[0].rsplit(".", 1)[0], "student", spec)[1]
+        ht = _attention_parts(teacher, pt[0].rsplit(".", 1)[0], "teacher", spec)[1]
+        if not hs or not ht or hs != ht:
+            return f"their head counts differ ({hs} and {ht}); set heads=H to compare H relation heads", (0, 0)
+    ws, wt = s[2] // (3 if len(ps) == 1 else 1), t[2] // (3 if len(pt) == 1 else 1)
+    if ws % hs or wt % ht:
+        return f"widths {ws} and {wt} do not split into {hs} heads", (0, 0)
+    return None, (hs, ht)
+
+
+def _describe(conn: nn.Module) -> str:
+    if isinstance(conn, nn.Conv2d):
+        return f"1x1 Conv2d {conn.in_channels} -> {conn.out_channels}"
+    return f"Linear {conn.in_features} -> {conn.out_features}"
+
+
+def _response_term(spec: Spec) -> loss_terms.Term:
+    m, o, w = spec.method, spec.options, spec.weight
+    return loss_terms.Term(m.name, m.paper, lambda r, t: w if t else 0.0,
+                           lambda s, t, batch, ctx: m.compute(s, t, batch, o), frozenset({"teacher"}))
+
+
+def _feature_term(spec: Spec, pairs, conns, heads) -> loss_terms.Term:
+    m, o, w = spec.method, spec.options, spec.weight
+    s_paths = list(dict.fromkeys(p for ps, _ in pairs for p in ps))
+    t_paths = list(dict.fromkeys(p for _, pt in pairs for p in pt))
+
+    def compute(s, t, batch, ctx):
+        total = 0.0
+        for k, (ps, pt) in enumerate(pairs):
+            sf, tf = [s.features[p] for p in ps], [t.features[p] for p in pt]
+            total = total + m.compute(sf, tf, batch, o, heads[k] if m.name == "minilm" else conns[k])
+        return total / len(pairs)
+
+    return loss_terms.Term(m.name, m.paper, lambda r, t: w if t else 0.0, compute, frozenset({"teacher"}),
+                           modules=lambda r: (s_paths, t_paths))
 
 
 # the loss terms recipes switch on with their own keys (loss_terms.TERMS), for `tdkd methods`

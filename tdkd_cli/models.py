@@ -37,6 +37,9 @@ PRESETS: dict[str, dict[str, Any]] = {
                    sha256="53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
                    config=dict(BERT_COMMON, hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536)),
     "vit-tiny": dict(family="timm", timm="vit_tiny_patch16_224"),
+    # a small ViT for 32x32 inputs (builtin:digits recipes): 16 patches of 8x8, 6 blocks of width 96
+    "vit-digits": dict(family="timm", timm="vit_tiny_patch16_224",
+                       kwargs=dict(img_size=32, patch_size=8, depth=6, embed_dim=96, num_heads=3)),
 }
 
 
@@ -224,7 +227,7 @@ def load_model(
     if spec in PRESETS:
         p = PRESETS[spec]
         if p["family"] == "timm":
-            return load_timm(p["timm"], Path(weights) if weights else None, num_labels, init)
+            return load_timm(p["timm"], Path(weights) if weights else None, num_labels, init, p.get("kwargs"))
         labels = 2 if num_labels is None else num_labels
         if init == "random":
             model = hf_from_config(p["config"], labels)

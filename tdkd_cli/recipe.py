@@ -62,6 +62,7 @@ class Recipe:
     # optimisation
     lr: float = _key(5e-05, 'AdamW learning rate of the dense parameters.')
     mpo_lr: float | None = _key(None, 'Learning rate of the MPO cores (default: lr).')
+    connector_lr: float | None = _key(None, 'Learning rate of the connectors feature methods train with the student (FitNets; default: lr).')
     weight_decay: float = _key(0.01, 'AdamW weight decay of dense weight matrices (biases, norms and cores: none).')
     warmup_ratio: float = _key(0.0, 'Linear warm-up over this fraction of the steps, then linear decay to 0.')
     batch_size: int = _key(32, 'Examples per micro-batch (per process).')
@@ -165,6 +166,7 @@ def check_ranges(rec: Recipe) -> None:
         need(r[k] >= 0, f"{k} must be >= 0 (got {r[k]})")
     need(r["lr"] > 0, f"lr must be positive (got {r['lr']})")
     need(r["mpo_lr"] is None or r["mpo_lr"] > 0, f"mpo_lr must be positive (got {r['mpo_lr']})")
+    need(r["connector_lr"] is None or r["connector_lr"] > 0, f"connector_lr must be positive (got {r['connector_lr']})")
     need(0.0 <= r["warmup_ratio"] < 1.0, f"warmup_ratio must be in [0, 1) (got {r['warmup_ratio']})")
     for k in ("batch_size", "grad_accum", "keep_last", "log_every", "eval_batch_size"):
         need(r[k] >= 1, f"{k} must be at least 1 (got {r[k]})")

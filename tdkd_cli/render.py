@@ -81,6 +81,8 @@ def distill_summary(report: dict, output) -> None:
             ("parameters after merge", fmt_int(report["params_inference"]))]
     if report["aligned_cores"]:
         rows.append(("aligned auxiliary cores", f"{report['aligned_cores']} (skipped {report['skipped_cores']})"))
+    for note in report.get("connectors") or ():
+        rows.append(("connector (trained, not in the merged model)", note))
     for k, v in (report.get("final_metrics") or {}).items():
         rows.append((f"final dev {k}", f"{v:.4f}"))
     if best.get("value") is not None:

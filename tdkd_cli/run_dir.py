@@ -11,13 +11,15 @@ checkpoints (save, list, validate, restore), metrics.jsonl and run.json.
 
 Every directory is written to a temporary sibling and renamed into place, so a killed run never
 leaves a half-written checkpoint under a final name, and each records checksums of its tensors.
-Optimizer state is stored as tensors (never pickled).
+Optimizer state is stored as tensors (never pickled). ``Progress`` is what trainer_state.json
+records of a run (step, best dev result, timing) and what resume restores.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -250,3 +252,48 @@ def restore(cdir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, conn
     cuda = st.get(f"rng.cuda.{dist.rank}")
     if cuda is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(cuda)
+
+
+# ----------------------------------------------------------------------------------------------
+# Progress: what a checkpoint records and resume restores
+# ----------------------------------------------------------------------------------------------
+class Progress:
+    """Step, best dev result, last evaluation and training time of a run, across invocations."""
+
+    def __init__(self, seed: int, world_size: int, total_steps: int, steps_per_epoch: int, metric: str | None):
+        self.meta = {"seed": seed, "world_size": world_size, "total_steps": total_steps}
+        self.steps_per_epoch = steps_per_epoch
+        self.step = 0
+        self.best = {"metric": metric, "value": None, "step": None}
+        self.last_eval: dict = {}
+        self.prior_seconds, self.prior_steps = 0.0, 0  # earlier invocations: time and the steps it covers
+        self.start_step, self._t0 = 0, time.perf_counter()
+
+    def start_clock(self) -> None:
+        self.start_step, self._t0 = self.step, time.perf_counter()
+
+    def train_seconds(self) -> float:
+        return self.prior_seconds + time.perf_counter() - self._t0
+
+    def timed_steps(self) -> int:
+        return self.prior_steps + self.step - self.start_step
+
+    def record_eval(self, metrics: dict, metric: str) -> bool:
+        """Note an evaluation; True when it is the best so far."""
+        self.last_eval = metrics
+        value = metrics[metric]
+        improved = self.best["value"] is None or value > self.best["value"]
+        if improved:
+            self.best = {"metric": metric, "value": value, "step": self.step}
+        return improved
+
+    def state_dict(self) -> dict:
+        return dict(self.meta, step=self.step, best=self.best, epoch=self.step // self.steps_per_epoch,
+                    last_eval=self.last_eval, train_seconds=round(self.train_seconds(), 3), timed_steps=self.timed_steps())
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = state["step"]
+        self.best = state.get("best", self.best)
+        self.prior_seconds = float(state.get("train_seconds", 0.0))
+        self.last_eval = dict(state.get("last_eval") or {})
+        self.prior_steps = int(state.get("timed_steps", 0))  # 0: a checkpoint older than this field

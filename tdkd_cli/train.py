@@ -8,6 +8,7 @@ One run, in order (each step a function below or a module of its own):
                             teacher cores for the tensor constraint
     training_data.prepare   tokenized once; batches of each epoch
     _setup_models           devices, frozen teacher, connectors (e.g. the hidden-state projection)
+    _setup_methods          the recipe's distillation methods bound to the models (methods.bind)
     _setup_optimizer        AdamW with a separate learning rate for MPO cores
     _setup_progress         fresh, or restored from the latest complete checkpoint
     Training.train          loss step -> optimizer step -> after step (log, evaluate, keep the best,
@@ -38,53 +39,9 @@ from .evaluate import evaluate_images, evaluate_text
 from .features import FeatureTap
 from .pair import Pair, Reporter
 from .recipe import Recipe
+from .run_dir import Progress
 
 __all__ = ["run", "Reporter", "Progress", "make_optimizer", "lr_factor"]
-
-
-# ----------------------------------------------------------------------------------------------
-# Progress: what a checkpoint records and resume restores
-# ----------------------------------------------------------------------------------------------
-class Progress:
-    """Step, best dev result, last evaluation and training time of a run, across invocations."""
-
-    def __init__(self, seed: int, world_size: int, total_steps: int, steps_per_epoch: int, metric: str | None):
-        self.meta = {"seed": seed, "world_size": world_size, "total_steps": total_steps}
-        self.steps_per_epoch = steps_per_epoch
-        self.step = 0
-        self.best = {"metric": metric, "value": None, "step": None}
-        self.last_eval: dict = {}
-        self.prior_seconds, self.prior_steps = 0.0, 0  # earlier invocations: time and the steps it covers
-        self.start_step, self._t0 = 0, time.perf_counter()
-
-    def start_clock(self) -> None:
-        self.start_step, self._t0 = self.step, time.perf_counter()
-
-    def train_seconds(self) -> float:
-        return self.prior_seconds + time.perf_counter() - self._t0
-
-    def timed_steps(self) -> int:
-        return self.prior_steps + self.step - self.start_step
-
-    def record_eval(self, metrics: dict, metric: str) -> bool:
-        """Note an evaluation; True when it is the best so far."""
-        self.last_eval = metrics
-        value = metrics[metric]
-        improved = self.best["value"] is None or value > self.best["value"]
-        if improved:
-            self.best = {"metric": metric, "value": value, "step": self.step}
-        return improved
-
-    def state_dict(self) -> dict:
-        return dict(self.meta, step=self.step, best=self.best, epoch=self.step // self.steps_per_epoch,
-                    last_eval=self.last_eval, train_seconds=round(self.train_seconds(), 3), timed_steps=self.timed_steps())
-
-    def load_state_dict(self, state: dict) -> None:
-        self.step = state["step"]
-        self.best = state.get("best", self.best)
-        self.prior_seconds = float(state.get("train_seconds", 0.0))
-        self.last_eval = dict(state.get("last_eval") or {})
-        self.prior_steps = int(state.get("timed_steps", 0))  # 0: a checkpoint older than this field
 
 
 # ----------------------------------------------------------------------------------------------
@@ -112,7 +69,7 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
 def _setup_recipe(r: Recipe, out: Path, resume: bool, force: bool, explicit: set[str]) -> tuple[Recipe, str, Dist]:
     if not resume:
         recipe_mod.check_ranges(r)
-        methods.terms(r.methods)  # a bad method spec is a usage error before anything happens
+        methods.parse_all(r.methods)  # a bad method spec is a usage error before anything happens
     device, dist = distributed.setup(r.device)
     run_dir.prepare(out, resume, force, dist)
     if resume:
@@ -139,8 +96,34 @@ def _setup_models(pair: Pair, r: Recipe, device: str) -> dict[str, nn.Module]:
     return connectors
 
 
+def _setup_methods(pair: Pair, r: Recipe, batches: training_data.Batches, device: str) -> methods.Bound:
+    """Bind the recipe's methods to the models (methods.bind): feature shapes come from one
+    forward pass of each model, in eval mode and without gradients, on the first batch."""
+    if not r.methods:
+        return methods.Bound()
+
+    def probe(s_paths: list[str], t_paths: list[str]) -> tuple[dict, dict]:
+        batch = batches.batch(batches.indices(0, 0), pair.student.model, device)
+        shapes = []
+        for role, loaded, paths in (("student", pair.student, s_paths), ("teacher", pair.teacher, t_paths)):
+            model = loaded.model
+            was_training = model.training
+            with FeatureTap(model, paths, role) as tap, torch.no_grad():
+                model.eval()
+                loss_terms.forward(model, loaded.family, batch)
+                shapes.append({p: tuple(v.shape) for p, v in tap.features.items()})
+            model.train(was_training)
+        return shapes[0], shapes[1]
+
+    bound = methods.bind(r.methods, pair.student.model, pair.teacher.model, pair.layer_map, probe, r.seed)
+    for module in bound.connectors.values():
+        module.to(device).train()
+    return bound
+
+
 def _setup_optimizer(model: nn.Module, connectors: dict[str, nn.Module], r: Recipe) -> tuple[torch.optim.Optimizer, dict]:
-    """AdamW over three groups: MPO cores (mpo_lr), weight matrices (decayed), biases and norms.
+    """AdamW over MPO cores (mpo_lr), weight matrices (decayed), biases and norms, and connectors
+    (in the decayed group, or their own with connector_lr).
     Returns the optimizer and the base learning rate of each group."""
     core_ids = {id(c) for m in tensorize.mpo_modules(model).values() for c in tensorize.layer_cores(m)}
     groups = {"cores": [], "decay": [], "no_decay": []}
@@ -153,10 +136,12 @@ def _setup_optimizer(model: nn.Module, connectors: dict[str, nn.Module], r: Reci
             groups["decay"].append(p)
         else:
             groups["no_decay"].append(p)
+    own = "connectors" if r.connector_lr is not None else "decay"  # a group of their own when they have their own lr
+    groups.setdefault(own, [])
     for module in connectors.values():
-        groups["decay"] += list(module.parameters())
-    base_lrs = {"cores": r.mpo_lr or r.lr, "decay": r.lr, "no_decay": r.lr}
-    param_groups = [{"params": ps, "lr": base_lrs[g], "weight_decay": r.weight_decay if g == "decay" else 0.0, "name": g}
+        groups[own] += list(module.parameters())
+    base_lrs = {"cores": r.mpo_lr or r.lr, "decay": r.lr, "no_decay": r.lr, "connectors": r.connector_lr or r.lr}
+    param_groups = [{"params": ps, "lr": base_lrs[g], "weight_decay": r.weight_decay if g in ("decay", "connectors") else 0.0, "name": g}
                     for g, ps in groups.items() if ps]
     return make_optimizer(param_groups, r.lr), base_lrs
 
@@ -207,19 +192,21 @@ def run(r: Recipe, out: Path, *, resume: bool = False, force: bool = False, repo
     batches = training_data.prepare(ds, r, tok_dir, int(getattr(getattr(model, "config", None), "vocab_size", 0)), dist)
     total = batches.total_steps(r.epochs, r.max_steps)
     connectors = _setup_models(pair, r, device)
+    bound = _setup_methods(pair, r, batches, device)
+    connectors.update(bound.connectors)
     optimizer, base_lrs = _setup_optimizer(model, connectors, r)
     fwd_model = _wrap_ddp(model, dist, device)
     progress = Progress(r.seed, dist.world, total, batches.steps_per_epoch, ds.metric)
     _setup_progress(out, resume, progress, model, optimizer, connectors, dist, device, r.seed, reporter)
     training = Training(r, out, dist, device, reporter, ds, pair, batches, fwd_model, connectors, optimizer, base_lrs,
-                        total, progress, tok_dir)  # checks the module paths loss terms read: before anything is written
+                        total, progress, tok_dir, bound.terms)  # checks the module paths loss terms read: before anything is written
     if dist.main:
         run_dir.write_run_info(out, _run_info(dist, device, argv, total, ds, pair), recipe_mod.dump(r), progress.step)
     dist.barrier()
     training.train()
     if not dist.main:
         return None
-    return _summary(training, pair, ds, batches)
+    return dict(_summary(training, pair, ds, batches), connectors=bound.notes)
 
 
 def _run_info(dist: Dist, device: str, argv, total: int, ds, pair: Pair) -> dict:
@@ -312,10 +299,11 @@ class Training:
     total: int
     progress: Progress
     tok_dir: Path | None
+    method_terms: list  # (term, weight) of the run's distillation methods (methods.bind)
 
     def __post_init__(self):
         self.model = self.pair.student.model
-        self.terms = loss_terms.active(self.r, self.pair.teacher is not None) + methods.terms(self.r.methods)
+        self.terms = loss_terms.active(self.r, self.pair.teacher is not None) + self.method_terms
         self.batch_terms = [(t, w) for t, w in self.terms if not t.per_step]
         self.step_terms = [(t, w) for t, w in self.terms if t.per_step]
         self.batch_needs = loss_terms.needs(self.terms)
@@ -363,13 +351,7 @@ class Training:
         tap = self.taps[role]
         if tap is not None:
             tap.clear()
-        if self.pair.student.family == "timm":
-            out = loss_terms.Outputs(model(batch["x"]))
-        else:
-            hidden, attn = "hidden" in self.batch_needs, "attentions" in self.batch_needs
-            kwargs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
-            res = model(**kwargs, output_hidden_states=hidden or None, output_attentions=attn or None)
-            out = loss_terms.Outputs(res.logits, res.hidden_states if hidden else None, res.attentions if attn else None)
+        out = loss_terms.forward(model, self.pair.student.family, batch, self.batch_needs)
         if tap is not None:
             out.features = dict(tap.features)
         return out
