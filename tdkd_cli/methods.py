@@ -42,7 +42,7 @@ class Method:
     # response methods: (student Outputs, teacher Outputs, batch, options) -> scalar
     # feature methods: (student features, teacher features, batch, options, connector) -> scalar, per pair
     compute: Callable
-    families: str = "text, ViT"  # timm CNNs: once convolutions can be over-parameterized
+    families: str = "text, ViT, CNN (dense student)"  # an MPO CNN student: once convolutions can be over-parameterized
     features: bool = False  # reads module outputs named by student= / teacher=
     check: Callable[[Shape, Shape], str | None] | None = None  # why a pair of feature shapes cannot be compared
     connector: Callable[[Shape, Shape], nn.Module | None] | None = None  # built when the shapes need one
@@ -131,7 +131,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
                 heads=(0.0, "relation heads; 0 = the attention modules' own head count (must then be equal)"),
                 attention_weight=(1.0, "weight of the attention-distribution KL (queries x keys)"),
                 value_weight=(1.0, "weight of the value-relation KL (values x values)")),
-           _minilm, features=True),
+           _minilm, features=True, families="text, ViT"),
     Method("sp", "relation", "Similarity-preserving KD, Tung & Mori, ICCV 2019", dict(_PATHS),
            _pairwise(ml.sp_loss), features=True),
     Method("rkd", "relation", "Relational KD, Park et al., CVPR 2019",

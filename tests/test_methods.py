@@ -292,16 +292,19 @@ def vit(tmp_path_factory):
                                   "rkd:weight=1,student=norm,teacher=norm", "fitnet:weight=1,student=blocks.*,teacher=blocks.*",
                                   "at:weight=100,student=blocks.0,teacher=blocks.1", "minilm:student=blocks.0.attn,teacher=blocks.1.attn",
                                   "cc:weight=10,student=norm,teacher=norm"])
-def test_each_method_trains_a_vit_student_mpo(vit, capsys, spec):
+@pytest.mark.parametrize("mpo", [False, True])
+def test_each_method_trains_a_vit_student_dense_and_mpo(vit, capsys, spec, mpo):
     d, folder, teacher = vit
     name = spec.split(":")[0]
-    run = d / name
+    run = d / f"{name}-{mpo}"
     rc, out, err = run_cli(["distill", "--teacher", str(teacher), "--student-layers", "1", "--data", str(folder), "--n", "3",
-                            "--tensor-lambda", "1e-2", "--batch-size", "8", "--max-steps", "2", "--log-every", "1",
-                            "--device", "cpu", "--method", spec, "-o", str(run)], capsys)
+                            "--batch-size", "8", "--max-steps", "2", "--log-every", "1", "--device", "cpu", "--method", spec,
+                            "-o", str(run)] + (["--mpo", "--tensor-lambda", "1e-2"] if mpo else ["--no-mpo"]), capsys)
     assert rc == 0, err
     recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
     assert len(recs) == 2 and all(r[name] > 0 and math.isfinite(r[name]) for r in recs)
+    if not mpo:
+        return
     assert recs[-1]["tensor"] > 0  # the cut student starts at its partner layer: 0 at step 1, then apart
     rc, out, err = run_cli(["merge", str(run / "best"), "-o", str(run / "merged")], capsys)
     assert rc == 0, err
@@ -443,3 +446,18 @@ def test_shipped_method_recipes_run(text, vit, capsys, recipe):
     name = method.split(":")[0]
     recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
     assert len(recs) == 2 and all(r[name] > 0 for r in recs) and all(r["tensor"] >= 0 for r in recs)
+
+
+def test_feature_maps_of_timm_cnns_dense(vit, capsys):
+    """ResNets (dense students): AT on feature maps, FitNets with a 1x1 Conv2d connector
+    (resnet10t's 128 channels to resnet26's 512 at the same height and width)."""
+    d, folder, _ = vit
+    run = d / "cnn"
+    rc, out, err = run_cli(["distill", "--teacher", "resnet26", "--student", "resnet10t", "--init", "random", "--no-mpo",
+                            "--data", str(folder), "--max-steps", "2", "--batch-size", "4", "--log-every", "1",
+                            "--device", "cpu", "--json", "--method", "at:weight=100,student=layer1+layer3,teacher=layer1+layer3",
+                            "--method", "fitnet:student=layer2,teacher=layer2", "-o", str(run)], capsys)
+    assert rc == 0, err
+    assert json.loads(out)["connectors"] == ["fitnet.0: 1x1 Conv2d 128 -> 512 from layer2 to layer2"]
+    recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert len(recs) == 2 and all(r["at"] > 0 and r["fitnet"] > 0 for r in recs)
