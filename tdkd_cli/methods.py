@@ -210,9 +210,11 @@ def parse_all(specs) -> list[Spec]:
 # ----------------------------------------------------------------------------------------------
 # Binding methods to a run's models
 # ----------------------------------------------------------------------------------------------
-def expand_pairs(spec: Spec, layer_map: list[int] | None) -> list[tuple[str, str]]:
-    """(student path, teacher path) pairs of a feature method: '+' joins pairs, '*' is each
-    student layer i paired with teacher layer layer_map[i]."""
+def expand_pairs(spec: Spec, layer_map: list[int] | None, s_names=(), t_names=()) -> list[tuple[str, str]]:
+    """(student path, teacher path) pairs of a feature method: '+' joins pairs; '*' stands for the
+    numbers of the modules that match (``s_names``/``t_names``: the models' module names), the
+    student's i-th paired with its layer-map partner: the run's layer map for its layer stack,
+    otherwise the uniform map over the numbers found (CNN stages: layer1..layer4, stages.0..3)."""
     s_items = [p.strip() for p in spec.options["student"].split("+")]
     t_items = [p.strip() for p in spec.options["teacher"].split("+")]
     if len(s_items) != len(t_items) or not all(s_items + t_items):
@@ -225,11 +227,30 @@ def expand_pairs(spec: Spec, layer_map: list[int] | None) -> list[tuple[str, str
         if "*" not in s:
             pairs.append((s, t))
             continue
-        if not layer_map:
-            raise UsageError(f"method {spec.text!r}: '*' pairs layers by the layer map, and these models have no layer "
-                             "stack tdkd recognises; name the modules one by one")
-        pairs += [(s.replace("*", str(i)), t.replace("*", str(j))) for i, j in enumerate(layer_map)]
+        s_num, t_num = _numbers(s, s_names), _numbers(t, t_names)
+        if layer_map and s_num == list(range(len(layer_map))) and max(layer_map) < len(t_num) == t_num[-1] + 1:
+            partners = layer_map
+        elif s_num and t_num:
+            partners = [t_num[j] for j in _uniform(len(s_num), len(t_num))]
+        else:
+            side = "student" if not s_num else "teacher"
+            raise UsageError(f"method {spec.text!r}: no {side} module matches {s if not s_num else t!r}")
+        pairs += [(s.replace("*", str(i)), t.replace("*", str(j))) for i, j in zip(s_num, partners)]
     return pairs
+
+
+def _numbers(pattern: str, names) -> list[int]:
+    """Sorted numbers that '*' takes in the module names matching ``pattern``."""
+    import re
+
+    rx = re.compile(re.escape(pattern).replace(r"\*", r"(\d+)") + r"$")
+    return sorted({int(m.group(1)) for m in map(rx.match, names) if m})
+
+
+def _uniform(n_student: int, n_teacher: int) -> list[int]:
+    from .losses import layer_map
+
+    return layer_map(None, n_student, n_teacher)
 
 
 def _attention_parts(model: nn.Module, path: str, role: str, spec: Spec) -> tuple[list[str], int | None]:
@@ -292,7 +313,7 @@ def bind(specs, student: nn.Module, teacher: nn.Module | None, layer_map: list[i
 
 
 def _feature_pairs(spec: Spec, student, teacher, layer_map) -> list[tuple[list[str], list[str]]]:
-    pairs = expand_pairs(spec, layer_map)
+    pairs = expand_pairs(spec, layer_map, [n for n, _ in student.named_modules()], [n for n, _ in teacher.named_modules()])
     if spec.method.name != "minilm":
         return [([s], [t]) for s, t in pairs]
     return [(_attention_parts(student, s, "student", spec)[0], _attention_parts(teacher, t, "teacher", spec)[0])

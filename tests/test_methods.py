@@ -214,9 +214,15 @@ def test_cc_equals_hand_computation():
 
 def test_layer_map_pairs_and_plus_pairs():
     spec = methods.parse("fitnet:student=a.*+pool,teacher=b.*+pool")
-    assert methods.expand_pairs(spec, [1, 3]) == [("a.0", "b.1"), ("a.1", "b.3"), ("pool", "pool")]
-    with pytest.raises(UsageError, match="no layer stack"):
-        methods.expand_pairs(spec, None)
+    s_names, t_names = ["a", "a.0", "a.0.fc", "a.1", "pool"], ["b", "b.0", "b.1", "b.2", "b.3", "b.3.fc", "pool"]
+    assert methods.expand_pairs(spec, [0, 2], s_names, t_names) == [("a.0", "b.0"), ("a.1", "b.2"), ("pool", "pool")]
+    # no layer stack (CNN stages): the uniform map over the numbers found, ResNet-style names too
+    assert methods.expand_pairs(spec, None, s_names, t_names) == [("a.0", "b.1"), ("a.1", "b.3"), ("pool", "pool")]
+    stages = methods.parse("at:student=layer*,teacher=layer*")
+    assert methods.expand_pairs(stages, None, ["layer1", "layer1.0", "layer2"], ["layer1", "layer2", "layer3", "layer4"]) == \
+        [("layer1", "layer2"), ("layer2", "layer4")]
+    with pytest.raises(UsageError, match="no student module matches 'a.\\*'"):
+        methods.expand_pairs(spec, [0, 2], [], t_names)
     with pytest.raises(UsageError, match="must name the same number of modules"):
         methods.expand_pairs(methods.parse("at:student=a+b,teacher=c"), [0])
     with pytest.raises(UsageError, match="'\\*' must appear in both paths"):
@@ -401,7 +407,7 @@ def test_feature_method_bad_input(text, vit, capsys):
          "cannot compare student bert.pooler [32, 32] with teacher bert.encoder.layer.1"),
         (["--method", "minilm:student=bert.pooler,teacher=bert.pooler"], "has no query/key/value or qkv projections"),
         (["--method", "cc:student=a+b,teacher=c"], "must name the same number of modules"),
-        (["--method", "at:student=blocks.*,teacher=blocks.*"], "student has no module 'blocks.0'"),
+        (["--method", "at:student=blocks.*,teacher=blocks.*"], "no student module matches 'blocks.*'"),  # a ViT path on BERT
         (["--method", "cc:weight=x,student=bert.pooler,teacher=bert.pooler"], "weight must be a number"),
         (["--student", str(narrow), "--method",
           "minilm:student=bert.encoder.layer.0.attention.self,teacher=bert.encoder.layer.0.attention.self"],
@@ -449,13 +455,13 @@ def test_shipped_method_recipes_run(text, vit, capsys, recipe):
 
 
 def test_feature_maps_of_timm_cnns_dense(vit, capsys):
-    """ResNets (dense students): AT on feature maps, FitNets with a 1x1 Conv2d connector
+    """ResNets (dense students): AT on the feature maps of every stage (layer1..layer4 paired by "*"), FitNets with a 1x1 Conv2d connector
     (resnet10t's 128 channels to resnet26's 512 at the same height and width)."""
     d, folder, _ = vit
     run = d / "cnn"
     rc, out, err = run_cli(["distill", "--teacher", "resnet26", "--student", "resnet10t", "--init", "random", "--no-mpo",
                             "--data", str(folder), "--max-steps", "2", "--batch-size", "4", "--log-every", "1",
-                            "--device", "cpu", "--json", "--method", "at:weight=100,student=layer1+layer3,teacher=layer1+layer3",
+                            "--device", "cpu", "--json", "--method", "at:weight=100,student=layer*,teacher=layer*",
                             "--method", "fitnet:student=layer2,teacher=layer2", "-o", str(run)], capsys)
     assert rc == 0, err
     assert json.loads(out)["connectors"] == ["fitnet.0: 1x1 Conv2d 128 -> 512 from layer2 to layer2"]
