@@ -98,7 +98,7 @@ def _at_check(s: Shape, t: Shape) -> str | None:
 def _minilm(sf, tf, batch, o, heads):
     qs, ks, vs = sf[0].chunk(3, -1) if len(sf) == 1 else sf
     qt, kt, vt = tf[0].chunk(3, -1) if len(tf) == 1 else tf
-    mask = batch.get("attention_mask") if batch.get("attention_mask") is not None and qs.shape[1] == batch["attention_mask"].shape[1] else None
+    mask = _token_mask(qs, batch)
     loss = qs.new_zeros((), dtype=torch.float32)
     if o["attention_weight"] > 0:
         loss = loss + o["attention_weight"] * ml.relation_kl((qs, ks), (qt, kt), heads, mask)
