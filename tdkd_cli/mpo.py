@@ -330,37 +330,48 @@ def _aux_matches(a: list[Shape], b: list[Shape]) -> int:
 
 
 def align_plans(student_dims: tuple[int, int], teacher_dims: tuple[int, int], n: int,
-                student_shapes: tuple[Shape, Shape] | None = None) -> tuple[tuple[Shape, Shape], tuple[Shape, Shape]]:
+                student_shapes: tuple[Shape, Shape] | None = None,
+                kernels: tuple[int, int] = (1, 1)) -> tuple[tuple[Shape, Shape], tuple[Shape, Shape]]:
     """Factor shapes ((out, in) for the student, (out, in) for the teacher) that make as many
     auxiliary cores as possible identical in shape, so the tensor constraint can align them.
 
+    ``*_dims`` are (out, in) channel counts; ``kernels`` the kernel-window sizes (kh*kw, 1 for a
+    Linear) of student and teacher, folded into the trailing input factor of each side.
     Equal dimensions: the default [a,1..1,b] plan on both sides (every core aligns). Different
     widths: [a,1..1,b] shapes whose trailing factors b are common divisors of both sides, chosen to
     maximise the aligned auxiliary cores, then the largest trailing block. ``student_shapes`` fixes
     the student's side (an already-decomposed student) and searches the teacher's only."""
     (so, si), (to, ti) = student_dims, teacher_dims
-    if student_shapes is None and (so, si) == (to, ti):
-        plan = (plan_factors(so, n), plan_factors(si, n))
+    ks, kt = kernels
+
+    def side(o: int, i: int, bo: int, bi: int, k: int) -> tuple[Shape, Shape]:
+        shape_in = _edge_shape(i, bi, n)
+        return _edge_shape(o, bo, n), shape_in[:-1] + (shape_in[-1] * k,)
+
+    def cores(shapes: tuple[Shape, Shape]) -> list[Shape]:
+        return core_shapes(*shapes, full_bonds(*shapes))
+
+    if (so, si, ks) == (to, ti, kt):
+        if student_shapes is not None:
+            return student_shapes, student_shapes
+        fo, fi = plan_factors(so, n), plan_factors(si, n)
+        plan = side(so, si, fo[-1], fi[-1], ks)
         return plan, plan
-    if student_shapes is not None and (so, si) == (to, ti):
-        return student_shapes, student_shapes
     if student_shapes is not None:
-        s_cores = core_shapes(*student_shapes, full_bonds(*student_shapes))
+        s_cores = cores(student_shapes)
         best, best_key = None, None
         for bo in _divisors(to):
             for bi in _divisors(ti):
-                t = (_edge_shape(to, bo, n), _edge_shape(ti, bi, n))
-                key = (_aux_matches(s_cores, core_shapes(*t, full_bonds(*t))), min(bo, to // bo) * min(bi, ti // bi))
+                t = side(to, ti, bo, bi, kt)
+                key = (_aux_matches(s_cores, cores(t)), min(bo, to // bo) * min(bi, ti // bi))
                 if best_key is None or key > best_key:
                     best, best_key = t, key
         return student_shapes, best
     best, best_key = None, None
     for bo in _divisors(math.gcd(so, to)):
         for bi in _divisors(math.gcd(si, ti)):
-            s = (_edge_shape(so, bo, n), _edge_shape(si, bi, n))
-            t = (_edge_shape(to, bo, n), _edge_shape(ti, bi, n))
-            matches = _aux_matches(core_shapes(*s, full_bonds(*s)), core_shapes(*t, full_bonds(*t)))
-            key = (matches, bo * bi)
+            s, t = side(so, si, bo, bi, ks), side(to, ti, bo, bi, kt)
+            key = (_aux_matches(cores(s), cores(t)), bo * bi)
             if best_key is None or key > best_key:
                 best, best_key = (s, t), key
     return best

@@ -67,9 +67,11 @@ def decompose_model(
     layers = []
     for p in plans:
         cores = tensorize.layer_cores(modules[p.name])
-        err = mpo.relative_error(mpo.contract([c.detach().double() for c in cores]), originals[p.name])
+        err = mpo.relative_error(mpo.contract([c.detach().double() for c in cores]),
+                                 originals[p.name].reshape(p.out_features, p.in_features))
         layers.append({
             "name": p.name, "out_features": p.out_features, "in_features": p.in_features,
+            "weight_shape": list(p.weight_shape),
             "out_shape": list(p.out_shape), "in_shape": list(p.in_shape), "bonds": p.bonds,
             "central": p.central, "dtype": dtype_name(cores[0]),
             "dense_params": p.dense_params, "mpo_params": p.mpo_params, "rel_error": err,

@@ -8,6 +8,7 @@ the tensor constraint.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -157,6 +158,32 @@ def _layer_map(spec: str | None, student: nn.Module, teacher: nn.Module) -> list
     return losses.layer_map(spec, ls, lt)
 
 
+def partner_fn(student: nn.Module, teacher: nn.Module, lmap: list[int] | None = None):
+    """name -> teacher module name (or None) for the tensor constraint and the shape planning:
+    by the layer map for transformer stacks (default: the uniform map), by stage for CNNs
+    (layers.block_partner)."""
+    if lmap is None:
+        try:
+            lmap = losses.layer_map(None, layers.num_layers(student), layers.num_layers(teacher))
+        except UsageError:
+            return layers.block_partner(student, teacher)
+    return lambda name: losses.partner_name(name, lmap)
+
+
+def _weight_dims(module: nn.Module) -> tuple[tuple[int, int], int]:
+    """((out, in/groups) channels, kernel window elements) of a Linear or Conv2d weight."""
+    shape = tuple(module.weight.shape)
+    return (shape[0], shape[1]), math.prod(shape[2:])
+
+
+def _partner_module(t_mods: dict, t_name: str | None, student_module: nn.Module) -> nn.Module | None:
+    """The teacher module ``t_name`` when it is a layer of the student module's kind."""
+    t_mod = t_mods.get(t_name) if t_name else None
+    kinds = (nn.Linear, nn.Conv2d)
+    same = any(isinstance(t_mod, k) and isinstance(student_module, k) for k in kinds)
+    return t_mod if same else None
+
+
 def decompose_student(student: models.Loaded, teacher: models.Loaded | None, r: Recipe, reporter: Reporter,
                       lmap: list[int] | None = None) -> None:
     """Tensorize a dense student in place, planning factor shapes that align with the teacher."""
@@ -165,13 +192,14 @@ def decompose_student(student: models.Loaded, teacher: models.Loaded | None, r: 
     names = tensorize.select_targets(model, patterns)
     explicit = tensorize.parse_shapes(r.shapes or [])
     plans = tensorize.plan_layers(model, names, r.n, explicit)
-    if teacher is not None and not explicit and lmap is not None:
-        t_mods = dict(teacher.model.named_modules())
+    if teacher is not None and not explicit:
+        partner = partner_fn(model, teacher.model, lmap)
+        s_mods, t_mods = dict(model.named_modules()), dict(teacher.model.named_modules())
         for p in plans:
-            t_name = losses.partner_name(p.name, lmap)
-            t_mod = t_mods.get(t_name) if t_name else None
-            if isinstance(t_mod, nn.Linear):
-                (so, si), _ = mpo.align_plans((p.out_features, p.in_features), tuple(t_mod.weight.shape), r.n)
+            t_mod = _partner_module(t_mods, partner(p.name), s_mods[p.name])
+            if t_mod is not None:
+                t_dims, t_kernel = _weight_dims(t_mod)
+                (so, si), _ = mpo.align_plans((p.out_features, p.weight_shape[1]), t_dims, r.n, kernels=(p.kernel, t_kernel))
                 p.out_shape, p.in_shape = so, si
                 p.bonds = mpo.full_bonds(so, si)
     tensorize.tensorize(model, plans)
@@ -181,28 +209,29 @@ def decompose_student(student: models.Loaded, teacher: models.Loaded | None, r: 
 def teacher_cores(student: nn.Module, teacher: nn.Module, reporter: Reporter,
                   lmap: list[int] | None = None) -> tuple[dict, list[losses.AlignedPair]]:
     """Decompose the teacher's partner matrices once with factor shapes matched to the student's,
-    and pair their auxiliary cores; ``lmap`` pairs layers (default: the uniform map).
-    Returns (teacher cores by teacher module name, pairs)."""
+    and pair their auxiliary cores; ``lmap`` pairs layers (default: the uniform map; CNNs by
+    stage, see partner_fn). Returns (teacher cores by teacher module name, pairs)."""
     s_mods = tensorize.mpo_modules(student)
     if not s_mods:
         raise UsageError("tensor_lambda > 0 needs an MPO student (mpo: true, or a decompose output)")
     t_mods = dict(teacher.named_modules())
-    if lmap is None:
-        lmap = losses.layer_map(None, layers.num_layers(student), layers.num_layers(teacher))
+    partner = partner_fn(student, teacher, lmap)
     s_shapes, t_shapes, t_cores = {}, {}, {}
     for name, mod in s_mods.items():
         plan = tensorize.layer_plan(mod)
         s_shapes[name] = [tuple(c.shape) for c in tensorize.layer_cores(mod)]
-        t_name = losses.partner_name(name, lmap)
-        t_mod = t_mods.get(t_name) if t_name else None
-        if not isinstance(t_mod, nn.Linear) or t_name in t_cores:
+        t_name = partner(name)
+        t_mod = _partner_module(t_mods, t_name, mod)
+        if t_mod is None or t_name in t_cores:
             continue
-        _, (to, ti) = mpo.align_plans((plan.out_features, plan.in_features), tuple(t_mod.weight.shape), plan.n,
-                                      (plan.out_shape, plan.in_shape))
-        cores = mpo.decompose(t_mod.weight.detach(), to, ti)
-        t_cores[t_name] = [c.detach().to(t_mod.weight.dtype) for c in cores]
+        t_dims, t_kernel = _weight_dims(t_mod)
+        _, (to, ti) = mpo.align_plans((plan.out_features, plan.weight_shape[1]), t_dims, plan.n,
+                                      (plan.out_shape, plan.in_shape), kernels=(plan.kernel, t_kernel))
+        weight = t_mod.weight.detach()
+        cores = mpo.decompose(weight.reshape(weight.shape[0], -1), to, ti)
+        t_cores[t_name] = [c.detach().to(weight.dtype) for c in cores]
         t_shapes[t_name] = [tuple(c.shape) for c in t_cores[t_name]]
-    pairs = losses.pair_layers(s_shapes, t_shapes, lmap)
+    pairs = losses.pair_layers(s_shapes, t_shapes, partner)
     aligned = sum(len(p.cores) for p in pairs)
     skipped = sum(len(p.skipped) for p in pairs)
     if aligned == 0:

@@ -49,7 +49,7 @@ def decompose_report(report: dict, model: str, output, n: int, rank) -> None:
     t = _table(f"decompose {model} -> {output}  (n={n}{'' if rank is None else f', chi={rank}'})",
                ("layer", "weight", "factor shapes (out x in)", "bonds") + nums, right=nums)
     for L in report["layers"]:
-        t.add_row(L["name"], f"{L['out_features']}x{L['in_features']}", f"{L['out_shape']} x {L['in_shape']}",
+        t.add_row(L["name"], "x".join(map(str, L["weight_shape"])), f"{L['out_shape']} x {L['in_shape']}",
                   ",".join(map(str, L["bonds"][1:-1])), fmt_int(L["dense_params"]), fmt_int(L["mpo_params"]),
                   f"{L['mpo_params'] / L['dense_params']:.2f}", f"{L['rel_error']:.1e}")
     tot = report["totals"]
@@ -161,8 +161,9 @@ def eval_report(report: dict, model: str) -> None:
 def bench_report(report: dict) -> None:
     st = report["settings"]
     cols = ("model", "params", "median ms", "p90 ms", "p99 ms", "items/s", "weights MB", "peak MB", "x latency", "speedup")
+    inputs = ", ".join(dict.fromkeys(r.get("input", f"{st['seq_len']} tokens") for r in report["models"]))
     t = _table(f"bench on {st['device']} ({report['env']['threads']} threads), batch {st['batch_size']}, "
-               f"seq {st['seq_len']}, {st['dtype']}, {st['iters']} iters", cols, right=cols[1:])
+               f"input {inputs}, {st['dtype']}, {st['iters']} iters", cols, right=cols[1:])
     for r in report["models"]:
         t.add_row(r["name"], fmt_int(r["params"]), f"{r['median_ms']:.2f}", f"{r['p90_ms']:.2f}", f"{r['p99_ms']:.2f}",
                   f"{r['throughput_per_s']:.1f}", f"{r['weights_mb']:.1f}",

@@ -1,14 +1,23 @@
-"""Put MPO cores on a model's Linear weights and take them off again (merge).
+"""Put MPO cores on a model's Linear and Conv2d weights and take them off again (merge).
 
-A tensorized Linear keeps its class: its ``weight`` becomes a torch parametrization computed from
+A tensorized layer keeps its class: its ``weight`` becomes a torch parametrization computed from
 the cores (``torch.nn.utils.parametrize``), so HF and timm model classes, their forward code and
 their hooks are untouched. The cores live at ``<module>.parametrizations.weight.original<k>``;
 tdkd's checkpoints store them under its own names (see checkpoint.py).
+
+Convolutions: a Conv2d weight (out, in/groups, kh, kw) is decomposed in its matrix form
+out x (in/groups * kh * kw); the input factor shape is the channel plan with the kernel window
+kh*kw folded into its trailing factor, so the window stays inside one core and the channel
+factors are those of a Linear of the same widths (and align with a teacher's the same way).
+Stride, padding, dilation and groups are the module's own and untouched. A grouped or depthwise
+convolution is one MPO over its stored weight (exact, as for any matrix); a 1x1 convolution is a
+plain out x in matrix. Transposed, 1-D and 3-D convolutions are not decomposed.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import math
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
@@ -52,16 +61,32 @@ def default_targets(model: nn.Module, family: str) -> tuple[str, ...]:
     if family == "timm":
         if any(fnmatch.fnmatchcase(name, VIT_TARGETS[0]) for name, _ in model.named_modules()):
             return VIT_TARGETS
-        raise UsageError("no default target layers for this timm model; pass --targets PATTERN")
+        names = cnn_targets(model)
+        if not names:
+            raise UsageError("no default target layers for this timm model; pass --targets PATTERN")
+        return names
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type in HF_DEFAULT_TARGETS:
         return HF_DEFAULT_TARGETS[model_type]
     raise UsageError(f"no default target layers for model type {model_type!r}; pass --targets PATTERN")
 
 
+def cnn_targets(model: nn.Module) -> tuple[str, ...]:
+    """Default targets of a timm model without ViT blocks (ResNet, RegNet, MobileNet, EfficientNet,
+    ConvNeXt, ...): every Conv2d (depthwise and grouped included) and every Linear except the
+    classifier head, in model order."""
+    get_head = getattr(model, "get_classifier", None)
+    head = get_head() if callable(get_head) else None
+    head_ids = {id(m) for m in head.modules()} if isinstance(head, nn.Module) else set()
+    return tuple(name for name, m in model.named_modules()
+                 if isinstance(m, (nn.Linear, nn.Conv2d)) and id(m) not in head_ids)
+
+
 @dataclass
 class LayerPlan:
-    """How one Linear weight is (or will be) tensorized."""
+    """How one Linear or Conv2d weight is (or will be) tensorized: the MPO of its matrix form
+    (out_features x in_features); ``weight_shape`` is the module's own weight shape (out, in) for a
+    Linear, (out, in/groups, kh, kw) for a Conv2d."""
 
     name: str
     out_features: int
@@ -70,6 +95,16 @@ class LayerPlan:
     in_shape: tuple[int, ...]
     rank: int | None = None
     bonds: list[int] = field(default_factory=list)
+    weight_shape: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        if not self.weight_shape:
+            self.weight_shape = (self.out_features, self.in_features)
+
+    @property
+    def kernel(self) -> int:
+        """Elements of the kernel window (kh*kw; 1 for a Linear)."""
+        return math.prod(self.weight_shape[2:])
 
     @property
     def n(self) -> int:
@@ -104,16 +139,27 @@ def parse_shapes(specs: Sequence[str]) -> dict[int, tuple[int, ...]]:
     return out
 
 
+SUPPORTED = (nn.Linear, nn.Conv2d)
+
+
 def select_targets(model: nn.Module, patterns: Sequence[str]) -> list[str]:
-    """Names of the nn.Linear modules matching any pattern; every pattern must match something."""
-    linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    """Names of the Linear and Conv2d modules matching any pattern; every pattern must match one.
+    A pattern that matches a transposed, 1-D or 3-D convolution is refused (not supported)."""
+    modules = list(model.named_modules())
+    layers = [name for name, m in modules if isinstance(m, SUPPORTED)]
+    other_convs = {name: type(m).__name__ for name, m in modules
+                   if isinstance(m, nn.modules.conv._ConvNd) and not isinstance(m, nn.Conv2d)}
     chosen: list[str] = []
     for pat in patterns:
-        hits = [name for name in linears if fnmatch.fnmatchcase(name, pat)]
+        bad = [name for name in other_convs if fnmatch.fnmatchcase(name, pat)]
+        if bad:
+            raise UsageError(f"target pattern {pat!r} matches {bad[0]}, a {other_convs[bad[0]]}: tdkd decomposes "
+                             "Linear and Conv2d layers only (transposed, 1-D and 3-D convolutions are not supported)")
+        hits = [name for name in layers if fnmatch.fnmatchcase(name, pat)]
         if not hits:
-            raise UsageError(f"target pattern {pat!r} matches no Linear layer of the model")
+            raise UsageError(f"target pattern {pat!r} matches no Linear or Conv2d layer of the model")
         chosen += [h for h in hits if h not in chosen]
-    return [name for name in linears if name in chosen]  # model order
+    return [name for name in layers if name in chosen]  # model order
 
 
 def plan_layers(
@@ -123,7 +169,9 @@ def plan_layers(
     shapes: dict[int, tuple[int, ...]] | None = None,
     rank: int | None = None,
 ) -> list[LayerPlan]:
-    """Factor shapes per layer: an explicit shape for a dimension wins, else paper-style [a,1..1,b]."""
+    """Factor shapes per layer: an explicit shape for a dimension wins, else paper-style [a,1..1,b].
+    For a convolution the input side is planned on its channels (in/groups) and the kernel window
+    joins the trailing factor; an explicit shape may name the channels or the whole in*kh*kw."""
     if n < 2:
         raise UsageError(f"--n must be at least 2 (got {n})")
     shapes = shapes or {}
@@ -132,14 +180,32 @@ def plan_layers(
         if len(fac) != n:
             raise UsageError(f"factor shape {list(fac)} for {dim} has {len(fac)} factors but n is {n}")
     modules = dict(model.named_modules())
-    plans = []
+    plans, used = [], set()
     for name in names:
-        lin = modules[name]
-        out_f, in_f = lin.weight.shape
+        w_shape = tuple(modules[name].weight.shape)
+        out_f, channels, kernel = w_shape[0], w_shape[1], math.prod(w_shape[2:])
         out_shape = tuple(shapes.get(out_f) or mpo.plan_factors(out_f, n))
-        in_shape = tuple(shapes.get(in_f) or mpo.plan_factors(in_f, n))
-        plans.append(LayerPlan(name, out_f, in_f, out_shape, in_shape, rank, mpo.full_bonds(out_shape, in_shape, rank)))
+        used.add(out_f)
+        if kernel > 1 and channels * kernel in shapes:
+            in_shape = tuple(shapes[channels * kernel])
+            used.add(channels * kernel)
+        else:
+            in_shape = with_kernel(shapes.get(channels) or mpo.plan_factors(channels, n), kernel)
+            used.add(channels)
+        plans.append(LayerPlan(name, out_f, channels * kernel, out_shape, in_shape, rank,
+                               mpo.full_bonds(out_shape, in_shape, rank), w_shape))
+    unused = sorted(set(shapes) - used)
+    if unused:
+        dims = sorted({d for p in plans for d in (p.out_features, p.weight_shape[1], p.in_features)})
+        raise UsageError(f"--shapes {unused[0]}=...: no target layer has a dimension of {unused[0]} "
+                         f"(their dimensions: {', '.join(map(str, dims[:12]))}{', ...' if len(dims) > 12 else ''})")
     return plans
+
+
+def with_kernel(channel_shape: Sequence[int], kernel: int) -> tuple[int, ...]:
+    """Input factor shape of a convolution: the channel factors with the kernel window (kh*kw
+    elements) folded into the trailing one."""
+    return tuple(channel_shape[:-1]) + (channel_shape[-1] * kernel,)
 
 
 class MPOWeight(nn.Module):
@@ -156,20 +222,20 @@ class MPOWeight(nn.Module):
     def forward(self, *cores: torch.Tensor) -> torch.Tensor:
         if self.override is not None:
             return self.override
-        return mpo.contract(cores)
+        return mpo.contract(cores).reshape(self.plan.weight_shape)
 
     def right_inverse(self, weight: torch.Tensor):
         p = self.plan
         if self.empty:
             shapes = mpo.core_shapes(p.out_shape, p.in_shape, p.bonds)
             return tuple(torch.zeros(s, dtype=weight.dtype, device=weight.device) for s in shapes)
-        cores = mpo.decompose(weight, p.out_shape, p.in_shape, p.rank)
+        cores = mpo.decompose(weight.reshape(p.out_features, p.in_features), p.out_shape, p.in_shape, p.rank)
         p.bonds = [1] + [c.shape[-1] for c in cores]
         return tuple(cores)
 
 
 def tensorize(model: nn.Module, plans: Sequence[LayerPlan], empty: bool = False, progress=None) -> None:
-    """Replace each planned Linear weight by MPO cores, in place."""
+    """Replace each planned Linear/Conv2d weight by MPO cores, in place."""
     modules = dict(model.named_modules())
     for plan in plans:
         lin = modules[plan.name]
@@ -222,9 +288,10 @@ def merge(model: nn.Module) -> dict[str, LayerPlan]:
     merged = {}
     for name, module in mpo_modules(model).items():
         cores = layer_cores(module)
+        plan = layer_plan(module)
         with torch.no_grad():
             dense = mpo.contract([c.detach().to(torch.float64) for c in cores]).to(cores[0].dtype)
-        plan = layer_plan(module)
+            dense = dense.reshape(plan.weight_shape)
         parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
         with torch.no_grad():
             module.weight.copy_(dense)
