@@ -151,3 +151,20 @@ def test_tensorly_reconstructs_tdkd_cores(rng):
 def test_bad_shapes_raise_usage_errors(call):
     with pytest.raises(UsageError):
         call()
+
+
+@pytest.mark.parametrize("shape", [(120, 40), (40, 120)])
+@pytest.mark.parametrize("condition", [10.0, 1e8])
+def test_svd_by_gram_matches_lapack_and_falls_back_when_ill_conditioned(shape, condition, rng):
+    """mpo._svd: the Gram-eigh route (well-conditioned) and the LAPACK fallback (kappa above
+    GRAM_MAX_CONDITION) both give orthonormal factors, the true singular values and the matrix."""
+    k = min(shape)
+    q1, _ = torch.linalg.qr(torch.randn(shape[0], k, generator=rng, dtype=torch.float64))
+    q2, _ = torch.linalg.qr(torch.randn(shape[1], k, generator=rng, dtype=torch.float64))
+    sv = torch.logspace(0, -math.log10(condition), k, dtype=torch.float64)
+    m = (q1 * sv) @ q2.T
+    u, s, vh = mpo._svd(m)
+    eye = torch.eye(k, dtype=torch.float64)
+    assert torch.allclose(u.T @ u, eye, atol=1e-9) and torch.allclose(vh @ vh.T, eye, atol=1e-12)
+    assert torch.allclose(s, sv, rtol=1e-9, atol=1e-15)
+    assert mpo.relative_error((u * s) @ vh, m) < 1e-13
