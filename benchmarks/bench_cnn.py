@@ -54,7 +54,7 @@ def main() -> None:
     import torch
 
     from tdkd_cli import bench, tensorize
-    from tdkd_cli.train import make_optimizer
+    from tdkd_cli.optim import make_optimizer
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="resnet18", help="timm model name or a tdkd preset")

@@ -28,7 +28,7 @@ def build(width: int, layers: int, mpo_n: int | None, seed: int = 0):
     from transformers import BertConfig, BertForSequenceClassification
 
     from tdkd_cli import tensorize
-    from tdkd_cli.train import make_optimizer
+    from tdkd_cli.optim import make_optimizer
 
     torch.manual_seed(seed)
     cfg = BertConfig(vocab_size=30522, hidden_size=width, num_hidden_layers=layers, num_attention_heads=12,

@@ -71,6 +71,9 @@ class Recipe:
     max_steps: int | None = _key(None, 'Optimizer steps to train (overrides epochs).')
     max_grad_norm: float = _key(1.0, 'Clip the global gradient norm to this (0: no clipping).')
     seed: int = _key(42, 'Seed of initialisation, data order and dropout.')
+    precision: str = _key('fp32', 'fp32 | bf16 | fp16 (fp16: CUDA only, with loss scaling). Autocast for the student and teacher forward passes and the contraction of the cores; cores, weights, optimizer states and merge stay float32/float64.')
+    teacher_cache: bool = _key(True, "Keep the teacher's outputs per training example (first sight) and skip its forward pass once a batch is all cached (from the second epoch); off: the teacher runs on every batch.")
+    teacher_cache_mb: int = _key(2048, 'Largest teacher-output cache in MiB; above it the run keeps the teacher forward.')
     # bookkeeping
     eval_every: int = _key(0, 'Evaluate on the dev set every N steps (0: only at the end).')
     save_every: int = _key(0, 'Write a full-state checkpoint every N steps (0: only at the end).')
@@ -98,6 +101,9 @@ def _kind(annotation: str) -> str:
 # A None default means "not set"; such keys also accept null in a recipe.
 SCHEMA: dict[str, tuple[str, Any, str]] = {f.name: (_kind(f.type), f.default, f.metadata["help"]) for f in fields(Recipe)}
 KEYS = tuple(SCHEMA)
+
+# Keys introduced after the format's first runs, with the value that reproduces an older run.
+ADDED_KEYS_AS_BEFORE = {"teacher_cache": False, "precision": "fp32"}
 
 # Keys that may change when a run is resumed (they do not change what is computed).
 RESUMABLE_CHANGES = {"device", "log_every", "eval_batch_size", "description", "keep_last"}
@@ -176,6 +182,8 @@ def check_ranges(rec: Recipe) -> None:
         need(r[k] >= 0, f"{k} must be >= 0 (got {r[k]})")
     for k in ("train_limit", "dev_limit"):
         need(r[k] is None or r[k] >= 1, f"{k} must be at least 1 (got {r[k]})")
+    need(r["precision"] in ("fp32", "bf16", "fp16"), f"precision must be fp32, bf16 or fp16 (got {r['precision']!r})")
+    need(r["teacher_cache_mb"] >= 0, f"teacher_cache_mb must be >= 0 (got {r['teacher_cache_mb']})")
     need(r["device"] in ("auto", "cpu", "cuda") or r["device"].startswith("cuda:"), f"device must be auto, cpu or cuda (got {r['device']!r})")
     need(bool(r["data"]), "no training data: pass --data (or set data: in the recipe)")
     need(r["teacher"] is not None or r["student"] is not None,
@@ -252,7 +260,8 @@ def build(recipe_spec: str | None, overrides: dict[str, Any]) -> tuple[Recipe, s
 def for_resume(stored: dict[str, Any], given: Recipe, explicit: set[str], where: str) -> Recipe:
     """The recipe a resumed run continues: the stored one, where the user may change only
     ``RESUMABLE_CHANGES``; any other key set to a different value is a UsageError."""
-    merged = dict(defaults(), **validate(stored, where))
+    # keys added after a run was started take the value that reproduces it, not today's default
+    merged = {**defaults(), **ADDED_KEYS_AS_BEFORE, **validate(stored, where)}
     now = given.as_dict()
     changed = [k for k in SCHEMA if k in explicit and k not in RESUMABLE_CHANGES and now.get(k) != merged.get(k)]
     if changed:

@@ -268,6 +268,7 @@ class Progress:
         self.last_eval: dict = {}
         self.prior_seconds, self.prior_steps = 0.0, 0  # earlier invocations: time and the steps it covers
         self.start_step, self._t0 = 0, time.perf_counter()
+        self.loss_scale: dict | None = None  # fp16 loss scaler state (precision.scaler)
 
     def start_clock(self) -> None:
         self.start_step, self._t0 = self.step, time.perf_counter()
@@ -288,8 +289,11 @@ class Progress:
         return improved
 
     def state_dict(self) -> dict:
-        return dict(self.meta, step=self.step, best=self.best, epoch=self.step // self.steps_per_epoch,
-                    last_eval=self.last_eval, train_seconds=round(self.train_seconds(), 3), timed_steps=self.timed_steps())
+        state = dict(self.meta, step=self.step, best=self.best, epoch=self.step // self.steps_per_epoch,
+                     last_eval=self.last_eval, train_seconds=round(self.train_seconds(), 3), timed_steps=self.timed_steps())
+        if self.loss_scale is not None:
+            state["loss_scale"] = self.loss_scale
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.step = state["step"]
@@ -297,3 +301,4 @@ class Progress:
         self.prior_seconds = float(state.get("train_seconds", 0.0))
         self.last_eval = dict(state.get("last_eval") or {})
         self.prior_steps = int(state.get("timed_steps", 0))  # 0: a checkpoint older than this field
+        self.loss_scale = state.get("loss_scale")
