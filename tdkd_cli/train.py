@@ -135,6 +135,17 @@ def run(r: Recipe, out: Path, *, resume: bool = False, force: bool = False, repo
     """Train. ``explicit`` names the keys the user set (recipe file or command line): with
     ``resume`` those must agree with the run's stored recipe. Returns the summary on the main
     process (None on the others)."""
+    training, notes = prepare(r, out, resume=resume, force=force, reporter=reporter, argv=argv, explicit=explicit)
+    training.train()
+    if not training.dist.main:
+        return None
+    return dict(_summary(training, training.pair, training.ds, training.batches), connectors=notes)
+
+
+def prepare(r: Recipe, out: Path, *, resume: bool = False, force: bool = False, reporter: Reporter | None = None,
+            argv: list[str] | None = None, explicit: set[str] | None = None) -> tuple["Training", list[str]]:
+    """Every setup step of a run, up to the first training step: the ``Training`` (its run
+    directory written) and the connector notes for the summary."""
     reporter = reporter or Reporter()
     out = Path(out)
     r, device, dist = _setup_recipe(r, out, resume, force, set(recipe_mod.KEYS) if explicit is None else set(explicit))
@@ -159,10 +170,7 @@ def run(r: Recipe, out: Path, *, resume: bool = False, force: bool = False, repo
     if dist.main:
         run_dir.write_run_info(out, _run_info(dist, device, argv, total, ds, pair), recipe_mod.dump(r), progress.step)
     dist.barrier()
-    training.train()
-    if not dist.main:
-        return None
-    return dict(_summary(training, pair, ds, batches), connectors=bound.notes)
+    return training, bound.notes
 
 
 def _run_info(dist: Dist, device: str, argv, total: int, ds, pair: Pair) -> dict:
@@ -291,9 +299,7 @@ class Training:
                     path = self._save()
                     raise Interrupted(f"interrupted at step {self.progress.step} of {self.total}; checkpoint saved in {path}; "
                                       f"continue with: tdkd distill -o {self.out} --resume")
-                terms = self._loss_step(self.progress.step)
-                self._optimizer_step(terms)
-                self._after_step(terms)
+                self._after_step(self.step())
             if self.ds.dev is None and self.dist.main:
                 run_dir.save_best(self.out, self.model, self.pair.student.source, self.tok_dir,
                                   {"metric": None, "value": None, "step": self.total})
@@ -308,6 +314,12 @@ class Training:
         self.dist.barrier()
 
     # -- one optimizer step ----------------------------------------------------------------------
+    def step(self) -> torch.Tensor:
+        """One optimizer step (every micro-batch, then AdamW); returns its loss terms."""
+        terms = self._loss_step(self.progress.step)
+        self._optimizer_step(terms)
+        return terms
+
     def _forward(self, model, batch: dict, role: str) -> loss_terms.Outputs:
         tap = self.taps[role]
         if tap is not None:

@@ -1,0 +1,117 @@
+"""Training-step time of `tdkd distill` variants, measured side by side in one process.
+
+Each variant is a real run (train.prepare: the recipe, models, data, optimizer, teacher cache), and
+the timed steps are Training.step() (every micro-batch's forward and backward, the teacher or its
+cached outputs, the contraction of the cores, AdamW), round-robin over the variants on the same
+batches (the same step numbers), so machine noise hits every variant alike. Variants that use the
+teacher cache first run their first epoch untimed (it fills the cache); timed steps are from the
+second epoch, where a user's run spends its time.
+
+    .venv/bin/python benchmarks/bench_train_step.py cache       # bert-base -> tinybert, SST-2 sample
+    .venv/bin/python benchmarks/bench_train_step.py opdf        # the sst2-b-kd / sst2-d-opdf recipes
+    .venv/bin/python benchmarks/bench_train_step.py precision   # OPDF and dense KD, fp32 vs bf16
+
+Options: --steps N (timed steps per variant, default 20), --train-limit N (default 1024: 32 steps
+per epoch at batch 32), --glue DIR (SST-2 for `opdf` and `precision`; default ../shared/data/glue).
+Prints median seconds per step per variant and the ratios the comparison is about.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import tdkd_cli  # noqa: E402,F401  (torchvision shim)
+
+
+def variants(which: str, glue: str, limit: int) -> dict[str, dict]:
+    sst2 = dict(data=f"{glue}/SST-2", task="sst2", train_limit=limit, max_length=64, student_layers="first-3",
+                teacher="minilm", dev_split="none")
+    if which == "cache":
+        base = dict(data="builtin:sst2-sample", init="random", student="tinybert", train_limit=limit, max_length=64,
+                    mpo=False, dev_split="none", batch_size=32)
+        return {"fine-tune (no teacher)": dict(base, teacher="none"),
+                "KD, teacher every step": dict(base, teacher="bert-base", teacher_cache=False),
+                "KD, cached teacher": dict(base, teacher="bert-base")}
+    if which == "opdf":
+        return {"dense KD (sst2-b-kd)": dict(sst2, recipe="sst2-b-kd"),
+                "OPDF (sst2-d-opdf)": dict(sst2, recipe="sst2-d-opdf"),
+                "dense KD, no cache": dict(sst2, recipe="sst2-b-kd", teacher_cache=False),
+                "OPDF, no cache": dict(sst2, recipe="sst2-d-opdf", teacher_cache=False)}
+    if which == "precision":
+        return {"dense KD fp32": dict(sst2, recipe="sst2-b-kd"),
+                "dense KD bf16": dict(sst2, recipe="sst2-b-kd", precision="bf16"),
+                "OPDF fp32": dict(sst2, recipe="sst2-d-opdf"),
+                "OPDF bf16": dict(sst2, recipe="sst2-d-opdf", precision="bf16")}
+    raise SystemExit(f"unknown comparison {which!r}: cache | opdf | precision")
+
+
+RATIOS = {
+    "cache": [("KD, cached teacher", "fine-tune (no teacher)"), ("KD, teacher every step", "fine-tune (no teacher)")],
+    "opdf": [("OPDF (sst2-d-opdf)", "dense KD (sst2-b-kd)"), ("OPDF, no cache", "dense KD, no cache")],
+    "precision": [("dense KD bf16", "dense KD fp32"), ("OPDF bf16", "OPDF fp32"), ("OPDF bf16", "dense KD fp32")],
+}
+
+
+def build(settings: dict, out: Path):
+    from tdkd_cli import recipe as recipe_mod
+    from tdkd_cli import train
+
+    settings = dict(settings)
+    name = settings.pop("recipe", None)
+    values = dict(recipe_mod.read(name)) if name else {}
+    values.update(settings, epochs=2.0, eval_every=0, save_every=0, log_every=1000)
+    r = recipe_mod.Recipe.from_dict({**recipe_mod.defaults(), **recipe_mod.validate(values, "bench")})
+    training, _ = train.prepare(r, out, force=True)
+    return training
+
+
+def main() -> None:
+    import torch
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("comparison", choices=sorted(RATIOS))
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--train-limit", type=int, default=1024)
+    ap.add_argument("--batch-size", type=int, default=None, help="override every variant's batch size")
+    ap.add_argument("--glue", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "glue"))
+    a = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="tdkd-bench-"))
+    os.environ.setdefault("TDKD_CACHE", str(tmp / "cache"))  # a fresh teacher cache unless one is given
+    chosen = variants(a.comparison, a.glue, a.train_limit)
+    if a.batch_size:
+        chosen = {name: dict(s, batch_size=a.batch_size) for name, s in chosen.items()}
+    runs = {name: build(s, tmp / f"run{i}") for i, (name, s) in enumerate(chosen.items())}
+    epoch = next(iter(runs.values())).batches.steps_per_epoch
+    for t in runs.values():  # the first epoch, untimed: fills the teacher caches
+        if t.teacher_cache is not None:
+            for _ in range(epoch):
+                t.step()
+    times = {name: [] for name in runs}
+    for k in range(a.steps + 1):
+        for name, t in runs.items():
+            t.progress.step = epoch + (k % epoch)  # the same batches for every variant
+            t0 = time.perf_counter()
+            t.step()
+            if k > 0:  # the first round warms up
+                times[name].append(time.perf_counter() - t0)
+    med = {name: statistics.median(v) for name, v in times.items()}
+    print(f"# {a.comparison}: {a.steps} timed steps per variant from epoch 2 (median), round-robin, "
+          f"{torch.get_num_threads()} CPU threads, train_limit {a.train_limit}, "
+          f"batch {next(iter(runs.values())).r.batch_size}")
+    for name, t in runs.items():
+        params = sum(p.numel() for p in t.model.parameters())
+        cache = "cache on" if t.teacher_cache is not None else "no cache"
+        print(f"{name:28s} {med[name]:8.4f} s/step  {params:>12,d} params  {t.r.precision}  {cache}")
+    for num, den in RATIOS[a.comparison]:
+        print(f"{num} / {den}: {med[num] / med[den]:.3f}")
+
+
+if __name__ == "__main__":
+    main()
