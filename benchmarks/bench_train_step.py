@@ -10,6 +10,7 @@ second epoch, where a user's run spends its time.
     .venv/bin/python benchmarks/bench_train_step.py cache       # bert-base -> tinybert, SST-2 sample
     .venv/bin/python benchmarks/bench_train_step.py opdf        # the sst2-b-kd / sst2-d-opdf recipes
     .venv/bin/python benchmarks/bench_train_step.py precision   # OPDF and dense KD, fp32 vs bf16
+    .venv/bin/python benchmarks/bench_train_step.py profile     # where an OPDF step's time goes
 
 Options: --steps N (timed steps per variant, default 20), --train-limit N (default 1024: 32 steps
 per epoch at batch 32), --glue DIR (SST-2 for `opdf` and `precision`; default ../shared/data/glue).
@@ -44,6 +45,8 @@ def variants(which: str, glue: str, limit: int) -> dict[str, dict]:
                 "OPDF (sst2-d-opdf)": dict(sst2, recipe="sst2-d-opdf"),
                 "dense KD, no cache": dict(sst2, recipe="sst2-b-kd", teacher_cache=False),
                 "OPDF, no cache": dict(sst2, recipe="sst2-d-opdf", teacher_cache=False)}
+    if which == "profile":
+        return {"OPDF (sst2-d-opdf)": dict(sst2, recipe="sst2-d-opdf")}
     if which == "precision":
         return {"dense KD fp32": dict(sst2, recipe="sst2-b-kd"),
                 "dense KD bf16": dict(sst2, recipe="sst2-b-kd", precision="bf16"),
@@ -56,7 +59,58 @@ RATIOS = {
     "cache": [("KD, cached teacher", "fine-tune (no teacher)"), ("KD, teacher every step", "fine-tune (no teacher)")],
     "opdf": [("OPDF (sst2-d-opdf)", "dense KD (sst2-b-kd)"), ("OPDF, no cache", "dense KD, no cache")],
     "precision": [("dense KD bf16", "dense KD fp32"), ("OPDF bf16", "OPDF fp32"), ("OPDF bf16", "dense KD fp32")],
+    "profile": [],
 }
+
+
+def profile(t, steps: int) -> None:
+    """Median seconds of the parts of one OPDF step, each timed on its own."""
+    import torch
+
+    from tdkd_cli import precision, tensorize
+
+    cores = [c for m in tensorize.mpo_modules(t.model).values() for c in tensorize.layer_cores(m)]
+
+    def contract():
+        with torch.no_grad(), precision.autocast(t.device, t.r.precision):
+            tensorize.RebuiltWeights(t.model, grad=False).release()
+
+    def contract_and_back():
+        with precision.autocast(t.device, t.r.precision):
+            rebuilt = tensorize.RebuiltWeights(t.model, grad=True)
+        for _, _, leaf in rebuilt.entries:
+            leaf.grad = torch.ones_like(leaf)
+        rebuilt.backward()
+        rebuilt.release()
+        for c in cores:
+            c.grad = None
+
+    def tensor_term():
+        for term, w in t.step_terms:
+            (w * term.compute(None, None, None, t.ctx)).backward()
+
+    def adamw():
+        for p in t.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        t.optimizer.step()
+
+    def whole():
+        t.progress.step = t.batches.steps_per_epoch
+        t.step()
+
+    parts = {"whole step": whole, "contraction forward": contract, "contraction forward + backward": contract_and_back,
+             "tensor constraint forward + backward": tensor_term, "AdamW update": adamw}
+    times = {k: [] for k in parts}
+    for k in range(steps + 1):
+        for name, f in parts.items():
+            t0 = time.perf_counter()
+            f()
+            if k > 0:
+                times[name].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    for name in parts:
+        print(f"{name:38s} {med[name]:8.4f} s  ({med[name] / med['whole step']:.0%} of the step)")
 
 
 def build(settings: dict, out: Path):
@@ -93,6 +147,10 @@ def main() -> None:
         if t.teacher_cache is not None:
             for _ in range(epoch):
                 t.step()
+    if a.comparison == "profile":
+        print(f"# profile of one OPDF step (sst2-d-opdf, batch {next(iter(runs.values())).r.batch_size}, epoch 2, "
+              f"{torch.get_num_threads()} CPU threads), parts timed round-robin, {a.steps} rounds (median)")
+        return profile(next(iter(runs.values())), a.steps)
     times = {name: [] for name in runs}
     for k in range(a.steps + 1):
         for name, t in runs.items():

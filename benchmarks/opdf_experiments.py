@@ -6,7 +6,7 @@
     python benchmarks/opdf_experiments.py attempts --task sst2      # their table, next to the main grid
     python benchmarks/opdf_experiments.py curves --task sst2 --outs runs/exp runs/exp-mpolr  # dev acc. by step
 
-For a task: fine-tune the teacher (recipes/<task>-teacher.yaml) and merge it; then for each seed and
+For a task: fine-tune the teacher (tdkd_cli/recipes/<task>-teacher.yaml) and merge it; then for each seed and
 arm a (fine-tune), b (KD), c (KD + MPO), d (OPDF: KD + MPO + tensor constraint) run
 `tdkd distill --recipe <task>-<arm>`, merge the best checkpoint (`tdkd merge`, verified) and score
 the merged student with `tdkd eval`. Finished runs are skipped and unfinished ones resumed, so the

@@ -194,13 +194,8 @@ def check_ranges(rec: Recipe) -> None:
 # Files
 # ----------------------------------------------------------------------------------------------
 def builtin_dir() -> Path:
-    """The shipped recipes: the repository's recipes/ folder (source checkouts and editable
-    installs) or the copy packaged with tdkd_cli."""
-    here = Path(__file__).resolve().parent
-    for cand in (here.parent / "recipes", here / "recipes"):
-        if cand.is_dir():
-            return cand
-    return here.parent / "recipes"
+    """The shipped recipes: tdkd_cli/recipes/, package data (wheels carry them)."""
+    return Path(__file__).resolve().parent / "recipes"
 
 
 def builtin_names() -> list[str]:
