@@ -180,6 +180,7 @@ def distill(
     keep_last: Optional[int] = typer.Option(None, "--keep-last", help=_key_help("keep_last")),
     log_every: Optional[int] = typer.Option(None, "--log-every", help=_key_help("log_every")),
     eval_batch_size: Optional[int] = typer.Option(None, "--eval-batch-size", help=_key_help("eval_batch_size")),
+    tensorboard: Optional[bool] = typer.Option(None, "--tensorboard/--no-tensorboard", help=_key_help("tensorboard")),
     device: Optional[str] = typer.Option(None, "--device", help=_key_help("device")),
 ):
     """Distill a teacher into an over-parameterized (MPO) student: KD + OPDF tensor constraint.

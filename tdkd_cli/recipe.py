@@ -80,6 +80,7 @@ class Recipe:
     keep_last: int = _key(2, 'Full-state checkpoints kept (plus the best model).')
     log_every: int = _key(10, 'Write averaged losses to metrics.jsonl every N steps.')
     eval_batch_size: int = _key(64, 'Examples per forward pass during evaluation.')
+    tensorboard: bool = _key(False, 'Also write every logged term, the learning rate and each evaluation as TensorBoard scalars under RUN/tensorboard/ (needs the tensorboard package).')
     device: str = _key('auto', 'auto | cpu | cuda.')
 
     @classmethod
@@ -106,7 +107,7 @@ KEYS = tuple(SCHEMA)
 ADDED_KEYS_AS_BEFORE = {"teacher_cache": False, "precision": "fp32"}
 
 # Keys that may change when a run is resumed (they do not change what is computed).
-RESUMABLE_CHANGES = {"device", "log_every", "eval_batch_size", "description", "keep_last"}
+RESUMABLE_CHANGES = {"device", "log_every", "eval_batch_size", "description", "keep_last", "tensorboard"}
 
 
 def defaults() -> dict[str, Any]:

@@ -107,6 +107,58 @@ def append_metrics(out: Path, rec: dict) -> None:
         fh.flush()
 
 
+TENSORBOARD_DIR = "tensorboard"
+
+
+class MetricsLog:
+    """metrics.jsonl, and with ``tensorboard`` the same records as TensorBoard scalars under
+    RUN/tensorboard/: a training record's terms as ``train/<key>`` (lr and examples_per_s
+    included), an evaluation's metrics as ``eval/<metric>``, at the record's step. On resume,
+    events after ``start_step`` left by the interrupted invocation are discarded (purge_step)."""
+
+    def __init__(self, out: Path, tensorboard: bool = False, start_step: int = 0):
+        self.out = Path(out)
+        self.writer = None
+        if tensorboard:
+            self.writer = tensorboard_writer(self.out / TENSORBOARD_DIR, start_step)
+
+    def append(self, rec: dict) -> None:
+        append_metrics(self.out, rec)
+        if self.writer is None:
+            return
+        step = int(rec["step"])
+        if "eval" in rec:
+            for k, v in rec["eval"].items():
+                if isinstance(v, (int, float)):
+                    self.writer.add_scalar(f"eval/{k}", v, step)
+        else:
+            for k, v in rec.items():
+                if k not in ("step", "epoch") and isinstance(v, (int, float)):
+                    self.writer.add_scalar(f"train/{k}", v, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
+def check_tensorboard() -> None:
+    """tensorboard is an optional dependency: a clear error without it."""
+    try:
+        import torch.utils.tensorboard  # noqa: F401
+    except ImportError:
+        raise UsageError("--tensorboard needs the tensorboard package: pip install tensorboard "
+                         "(or pip install 'tdkd[tensorboard]')") from None
+
+
+def tensorboard_writer(log_dir: Path, start_step: int):
+    check_tensorboard()
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(log_dir=str(log_dir), purge_step=start_step or None)
+
+
 def _remove_stale_temporaries(out: Path) -> None:
     """Half-written directories of a killed run (``.NAME.tmp-*``, never under a final name)."""
     for d in (out, out / "checkpoints"):

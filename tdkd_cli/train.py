@@ -51,6 +51,8 @@ def _setup_recipe(r: Recipe, out: Path, resume: bool, force: bool, explicit: set
     if not resume:
         recipe_mod.check_ranges(r)
         methods.parse_all(r.methods)  # a bad method spec is a usage error before anything happens
+    if r.tensorboard:
+        run_dir.check_tensorboard()  # before the run directory is touched
     device, dist = distributed.setup(r.device)
     run_dir.prepare(out, resume, force, dist)
     if resume:
@@ -286,6 +288,7 @@ class Training:
         self.teacher_cache = teacher_cache.setup(self.r, self.pair, self.ds, self.batches, self.dist.world, t_paths,
                                                  self.batch_needs, self.reporter)
         self.scaler = precision.scaler(self.device, self.r.precision)
+        self.metrics_log = run_dir.MetricsLog(self.out, self.r.tensorboard and self.dist.main, self.progress.step)
         if self.scaler is not None and self.progress.loss_scale:
             self.scaler.load_state_dict(self.progress.loss_scale)
 
@@ -307,6 +310,7 @@ class Training:
             for tap in self.taps.values():
                 if tap is not None:
                     tap.close()
+            self.metrics_log.close()
             stop.restore()
             self.reporter.finish()
         if self.dist.main:
@@ -420,7 +424,7 @@ class Training:
         if step % r.log_every == 0 or step == self.total:
             rec = self.log.record(step, self.batches.steps_per_epoch, self.optimizer.param_groups[0]["lr"], self.dist.world)
             if self.dist.main:
-                run_dir.append_metrics(self.out, rec)
+                self.metrics_log.append(rec)
             self.reporter.step(step, self.total, rec)
         do_eval = self.ds.dev is not None and ((r.eval_every and step % r.eval_every == 0) or step == self.total)
         if do_eval and self.dist.main:
@@ -428,7 +432,7 @@ class Training:
             improved = p.record_eval(metrics, self.ds.metric)
             if improved:
                 run_dir.save_best(self.out, self.model, self.pair.student.source, self.tok_dir, p.best)
-            run_dir.append_metrics(self.out, {"step": step, "eval": metrics, "best": improved})
+            self.metrics_log.append({"step": step, "eval": metrics, "best": improved})
             self.reporter.evaluated(step, metrics, improved)
         if do_eval:
             p.best = distributed.broadcast_best(p.best, self.dist)

@@ -176,3 +176,35 @@ def test_bf16_and_fp16_runs_store_precision_resume_and_merge(text, capsys):
     assert json.loads(out)["max_rel_diff"] < 1e-4
     rc, _, err = _distill(task, teacher, d / "prec-bad", capsys, "--max-steps", "1", "--precision", "fp8")
     assert rc == 2 and "precision must be fp32, bf16 or fp16 (got 'fp8')" in err and not (d / "prec-bad").exists()
+
+
+def test_tensorboard_events_read_back_as_metrics_jsonl(text, capsys):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    d, teacher = text
+    task = sentiment_task(d / "tb", n_train=32, n_dev=8, seed=6)
+    run = d / "tb-run"
+    rc, _, err = _distill(task, teacher, run, capsys, "--max-steps", "4", "--eval-every", "2", "--tensorboard")
+    assert rc == 0, err
+    acc = EventAccumulator(str(run / "tensorboard"))
+    acc.Reload()
+    recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in recs if "loss" in r]
+    evals = [r for r in recs if "eval" in r]
+    assert len(train) == 4 and len(evals) == 2
+    for key in ("loss", "kd", "lr", "grad_norm", "tensor"):
+        events = acc.Scalars(f"train/{key}")
+        assert [e.step for e in events] == [r["step"] for r in train]
+        assert [e.value for e in events] == pytest.approx([r[key] for r in train], rel=1e-6, abs=1e-12)
+    events = acc.Scalars("eval/accuracy")
+    assert [(e.step, e.value) for e in events] == [(r["step"], pytest.approx(r["eval"]["accuracy"])) for r in evals]
+
+
+def test_tensorboard_missing_is_one_line_and_nothing_written(text, capsys, monkeypatch):
+    import sys
+
+    d, teacher = text
+    task = sentiment_task(d / "tb2", n_train=32, n_dev=8, seed=6)
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if the package were not installed
+    rc, _, err = _distill(task, teacher, d / "tb2-run", capsys, "--max-steps", "1", "--tensorboard")
+    assert rc == 2 and "--tensorboard needs the tensorboard package" in err and not (d / "tb2-run").exists()
