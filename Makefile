@@ -20,7 +20,7 @@ install: $(STAMP)
 
 # The whole pipeline on the shipped default (real MiniLM-L6 weights, SST-2 sample, CPU):
 # fine-tune a teacher -> cut + decompose a 3-layer student -> distill (KD + tensor constraint)
-# -> merge (verified) -> eval -> bench teacher vs. student.
+# -> merge (verified) -> eval -> bench teacher vs. student -> figures of both runs (report/).
 TDKD := $(BIN)/tdkd
 demo: install
 	rm -rf $(OUT) && mkdir -p $(OUT)
@@ -32,6 +32,7 @@ demo: install
 	$(TDKD) eval $(OUT)/teacher --data builtin:sst2-sample
 	$(TDKD) eval $(OUT)/student --data builtin:sst2-sample
 	$(TDKD) bench $(OUT)/teacher $(OUT)/student --batch-size 32 --seq-len 64 --iters 20
+	$(TDKD) report $(OUT)/teacher-run $(OUT)/student-run -o $(OUT)/report
 
 # The vision pipeline on scikit-learn's digits (builtin:digits, 32x32, CPU, about a minute):
 # train a half-width ResNet-18 teacher -> decompose a 4-block quarter-width ResNet student (every
@@ -48,6 +49,7 @@ demo-vision: install
 	$(TDKD) eval $(VOUT)/teacher --data builtin:digits
 	$(TDKD) eval $(VOUT)/student --data builtin:digits
 	$(TDKD) bench $(VOUT)/teacher $(VOUT)/student --batch-size 32 --iters 20
+	$(TDKD) report $(VOUT)/teacher-run $(VOUT)/student-run -o $(VOUT)/report
 
 test: install
 	$(BIN)/python -m pytest

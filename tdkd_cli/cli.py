@@ -314,6 +314,29 @@ def bench(
         raise failure
 
 
+@app.command(epilog=_examples("tdkd report runs/kd runs/opdf -o report  (then open report/report.md)",
+                              "tdkd report runs/exp/sst2/*-s* -o sst2-report --force"))
+def report(
+    runs: List[Path] = typer.Argument(..., help="tdkd distill run directories (finished or not)."),
+    output: Path = typer.Option(..., "-o", "--output", help="Output directory: PNG figures and report.md."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output."),
+    as_json: bool = typer.Option(False, "--json", help="Print what was written as JSON."),
+):
+    """Figures of training runs: loss terms and learning rate by step, the dev metric by step (runs
+    that differ only by seed as mean and min..max band), and for MPO students the singular values at
+    the bonds of a few layers at initialisation and after training; report.md embeds them."""
+    from . import checkpoint, render
+    from . import report as report_mod
+
+    checkpoint.check_output(output, force)
+    summary = report_mod.write(runs, output, force=force)
+    if as_json:
+        render.emit_json(summary)
+    else:
+        render.console().print(f"report of {len(summary['runs'])} runs ({', '.join(summary['runs'])}): "
+                               f"{', '.join(summary['figures'])} and report.md -> {summary['output']}")
+
+
 # ----------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)

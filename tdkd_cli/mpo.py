@@ -340,6 +340,20 @@ def bond_halves(cores: Sequence[torch.Tensor], k: int) -> tuple[torch.Tensor, to
     return acc.reshape(-1, acc.shape[-1]), right.reshape(right.shape[0], -1)
 
 
+def bond_spectra(cores: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Singular values (descending, float64) of the matrix at each bond k = 1..n-1: rows are the
+    indices of cores 1..k, columns those of cores k+1..n. For cores in the balanced gauge they are
+    the Λ_k of ``decompose``; for trained cores, what training made of them. From the bond halves
+    by QR, so only a (d_k x d_k) matrix is decomposed."""
+    out = []
+    for k in range(1, len(cores)):
+        a, b = bond_halves(cores, k)
+        ra = torch.linalg.qr(a, mode="r")[1] if a.shape[0] > a.shape[1] else a
+        rb = torch.linalg.qr(b.T, mode="r")[1] if b.shape[1] > b.shape[0] else b.T
+        out.append(torch.linalg.svdvals(ra @ rb.T))
+    return out
+
+
 # ----------------------------------------------------------------------------------------------
 # Factor shapes for student/teacher alignment (tensor constraint)
 # ----------------------------------------------------------------------------------------------

@@ -108,6 +108,28 @@ def append_metrics(out: Path, rec: dict) -> None:
 
 
 TENSORBOARD_DIR = "tensorboard"
+SPECTRA_FILE = "spectra-init.json"
+
+
+def spectra_layers(names: list[str], count: int = 4) -> list[str]:
+    """The MPO layers whose bond spectra a run records: the first and the last ones, model order."""
+    return names if len(names) <= count else names[: count // 2] + names[-(count - count // 2):]
+
+
+def write_init_spectra(out: Path, model) -> None:
+    """Singular values at every bond of a few MPO layers before training (``tdkd report`` draws
+    them beside those of the trained cores)."""
+    from . import mpo
+
+    modules = tensorize.mpo_modules(model)
+    if not modules:
+        return
+    layers = {}
+    for name in spectra_layers(list(modules)):
+        with torch.no_grad():
+            cores = [c.detach().cpu() for c in tensorize.layer_cores(modules[name])]
+            layers[name] = [[round(float(v), 8) for v in sv] for sv in mpo.bond_spectra(cores)]
+    ckpt.atomic_write_text(Path(out) / SPECTRA_FILE, json.dumps({"step": 0, "layers": layers}) + "\n")
 
 
 class MetricsLog:

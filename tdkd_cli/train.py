@@ -171,6 +171,8 @@ def prepare(r: Recipe, out: Path, *, resume: bool = False, force: bool = False, 
                         total, progress, tok_dir, bound.terms)  # checks the module paths loss terms read: before anything is written
     if dist.main:
         run_dir.write_run_info(out, _run_info(dist, device, argv, total, ds, pair), recipe_mod.dump(r), progress.step)
+        if progress.step == 0:
+            run_dir.write_init_spectra(out, model)
     dist.barrier()
     return training, bound.notes
 

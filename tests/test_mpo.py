@@ -168,3 +168,16 @@ def test_svd_by_gram_matches_lapack_and_falls_back_when_ill_conditioned(shape, c
     assert torch.allclose(u.T @ u, eye, atol=1e-9) and torch.allclose(vh @ vh.T, eye, atol=1e-12)
     assert torch.allclose(s, sv, rtol=1e-9, atol=1e-15)
     assert mpo.relative_error((u * s) @ vh, m) < 1e-13
+
+
+def test_bond_spectra_are_the_singular_values_of_each_cut(rng):
+    out_s, in_s = (4, 2, 3), (3, 2, 4)
+    w = torch.randn(24, 24, generator=rng, dtype=torch.float64)
+    cores = mpo.decompose(w, out_s, in_s)
+    cores = [c + 0.01 * torch.randn(c.shape, generator=rng, dtype=torch.float64) for c in cores]  # "trained": no gauge
+    spectra = mpo.bond_spectra(cores)
+    full = mpo.contract(cores).reshape(*out_s, *in_s).permute(0, 3, 1, 4, 2, 5)
+    for k, sv in enumerate(spectra, start=1):
+        cut = full.reshape(math.prod(full.shape[: 2 * k]), -1)
+        expected = torch.linalg.svdvals(cut)[: sv.numel()]
+        assert torch.allclose(sv, expected, rtol=1e-10, atol=1e-12)
