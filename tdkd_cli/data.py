@@ -1,4 +1,5 @@
-"""Data sets: GLUE tasks from their standard TSV files, generic CSV/JSONL with named columns, and
+"""Data sets: GLUE tasks from their standard TSV files, generic CSV/JSONL with named columns,
+Hugging Face data sets (save_to_disk directories, parquet and arrow files: hf_data.py), and
 image folders (one sub-folder per class) for timm models.
 
 A text data set is a list of examples (texts tuple, label) plus the task description; tokenization
@@ -9,10 +10,11 @@ from __future__ import annotations
 import csv
 import os
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
+from . import hf_data
 from .errors import UsageError
 
 csv.field_size_limit(10 * 1024 * 1024)
@@ -116,13 +118,17 @@ def resolve_file(data: Path, task: Task | None, split: str) -> Path:
     data = Path(data)
     if not data.exists():
         raise UsageError(f"data {data} not found")
-    if data.is_file():
+    if data.is_file() or hf_data.is_hf_dataset_dir(data):
         return data
     name = task.dev_file if (task and split == "dev") else f"{split}.tsv"
     for cand in (data / name, data / f"{split}.tsv", data / f"{split}.csv", data / f"{split}.jsonl"):
         if cand.is_file():
             return cand
-    raise UsageError(f"no {split} split in {data} (looked for {name}, {split}.tsv/.csv/.jsonl)")
+    found = hf_data.split_file(data, split)
+    if found is not None:
+        return found
+    raise UsageError(f"no {split} split in {data} (looked for {name}, {split}.tsv/.csv/.jsonl/.parquet/.arrow"
+                     f"{', validation.parquet/.arrow' if split == 'dev' else ''})")
 
 
 def _read_rows(path: Path, header: bool) -> tuple[list[str] | None, list[list[str]] | list[dict]]:
@@ -152,6 +158,32 @@ def _read_rows(path: Path, header: bool) -> tuple[list[str] | None, list[list[st
     return None, rows
 
 
+def _read_hf(path: Path, split: str, task: Task | None) -> tuple[None, list[dict], Task]:
+    """Rows of a Hugging Face data set, its task (guessed from GLUE column names when not given),
+    and labels as strings: ClassLabel names, or the integer ids when the task's labels are numbers."""
+    rows, class_labels = hf_data.read(path, split)
+    if not rows:
+        raise UsageError(f"{path} has no examples")
+    if task is None:
+        cols = hf_data.guess_columns(rows[0])
+        if cols is None or "label" not in rows[0]:
+            raise UsageError(f"cannot tell the task of {path} (columns: {', '.join(rows[0])}): "
+                             f"pass --task or --text-column/--label-column")
+        task = Task("custom", cols, "label", None, ("accuracy",))
+    names = class_labels.get(task.label_column)
+    if names:
+        numeric = task.labels is not None and all(x.lstrip("-").isdigit() for x in task.labels)
+        if task.labels is None:
+            task = replace(task, labels=tuple(names))
+
+        def name(v):
+            ok = isinstance(v, int) and 0 <= v < len(names)
+            return str(v) if numeric or not ok else names[v]
+
+        rows = [dict(r, **{task.label_column: name(r.get(task.label_column))}) for r in rows]
+    return None, rows, task
+
+
 def load_text(
     data: Path,
     task: Task | None = None,
@@ -160,18 +192,22 @@ def load_text(
     label_column: str | None = None,
     limit: int | None = None,
 ) -> TextData:
-    """Read a GLUE task file or a generic CSV/TSV/JSONL file with named columns."""
+    """Read a GLUE task file, a generic CSV/TSV/JSONL file with named columns, or Hugging Face
+    data (a save_to_disk directory, parquet or arrow files; hf_data.py)."""
     if task is None and text_columns:
         labels_given = None
         task = Task("custom", tuple(text_columns), label_column or "label", labels_given, ("accuracy",))
     if task is None:
         task = guess_task(Path(data))
-    if task is None:
-        raise UsageError(f"cannot tell the task of {data}: pass --task (one of {', '.join(TASKS)}) or --text-column/--label-column")
-    if text_columns:
+    if task is not None and text_columns:
         task = Task(task.name, tuple(text_columns), label_column or task.label_column, task.labels, task.metrics)
     path = resolve_file(Path(data), task, split)
-    header, rows = _read_rows(path, task.header and path.suffix.lower() != ".jsonl")
+    if hf_data.is_hf(path):
+        header, rows, task = _read_hf(path, split, task)
+    else:
+        if task is None:
+            raise UsageError(f"cannot tell the task of {data}: pass --task (one of {', '.join(TASKS)}) or --text-column/--label-column")
+        header, rows = _read_rows(path, task.header and path.suffix.lower() != ".jsonl")
     texts, raw = [], []
     if rows and isinstance(rows[0], dict):
         missing = [c for c in task.text_columns + (task.label_column,) if c not in rows[0]]
