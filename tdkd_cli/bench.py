@@ -51,6 +51,22 @@ def _reset_rss_peak() -> bool:
         return False
 
 
+def _prepare_torch(name: str, model, family: str, device: str, tdtype, batch_size: int, seq_len: int) -> dict:
+    model = model.eval().to(device=device, dtype=tdtype)
+    inputs = probe_inputs(model, family, batch_size, seq_len, device=device, dtype=tdtype)
+    params = sum(p.numel() for p in model.parameters())
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters()) + \
+        sum(b.numel() * b.element_size() for b in model.buffers())
+    if family == "hf":
+        fn = (lambda m, i: m(**i))
+    else:
+        fn = (lambda m, i: m(i["x"]))
+    shape = tuple(inputs["x"].shape[1:]) if family != "hf" else None
+    return {"name": name, "model": model, "inputs": inputs, "fn": fn, "family": family,
+            "input": f"{seq_len} tokens" if shape is None else "x".join(map(str, shape)),
+            "params": params, "weights_mb": weight_bytes / 2**20, "times": [], "peak": None}
+
+
 def run(models: Sequence[tuple[str, object, str]], *, device: str, batch_size: int, seq_len: int, dtype: str,
         threads: int | None, warmup: int, iters: int, on_round: Callable[[], None] | None = None) -> dict:
     """models: (name, nn.Module, family). Returns the report dict (schema tdkd-bench/1)."""
@@ -75,19 +91,14 @@ def run(models: Sequence[tuple[str, object, str]], *, device: str, batch_size: i
 
     prepared = []
     for name, model, family in models:
-        model = model.eval().to(device=device, dtype=tdtype)
-        inputs = probe_inputs(model, family, batch_size, seq_len, device=device, dtype=tdtype)
-        params = sum(p.numel() for p in model.parameters())
-        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters()) + \
-            sum(b.numel() * b.element_size() for b in model.buffers())
-        if family == "hf":
-            fn = (lambda m, i: m(**i))
-        else:
-            fn = (lambda m, i: m(i["x"]))
-        shape = tuple(inputs["x"].shape[1:]) if family != "hf" else None
-        prepared.append({"name": name, "model": model, "inputs": inputs, "fn": fn, "family": family,
-                         "input": f"{seq_len} tokens" if shape is None else "x".join(map(str, shape)),
-                         "params": params, "weights_mb": weight_bytes / 2**20, "times": [], "peak": None})
+        if family == "onnx":  # an ONNX file, run by onnxruntime (export.py)
+            if cuda or dtype != "float32":
+                raise UsageError(f"{name}: ONNX files are timed on CPU in float32 (onnxruntime's CPU provider)")
+            from .export import prepare_bench
+
+            prepared.append(dict(prepare_bench(model, batch_size, seq_len, threads), name=name, times=[], peak=None))
+            continue
+        prepared.append(_prepare_torch(name, model, family, device, tdtype, batch_size, seq_len))
 
     with torch.inference_mode():
         # Peak memory above what is resident before the model runs (activations, workspaces):

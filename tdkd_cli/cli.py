@@ -19,7 +19,7 @@ except ImportError:  # pragma: no cover - older typer on upstream click
     from click import exceptions as _click_exc
 
 from . import __version__
-from .errors import TdkdError
+from .errors import TdkdError, UsageError
 
 app = typer.Typer(
     name="tdkd",
@@ -312,6 +312,36 @@ def bench(
     render.emit_json(report) if as_json else render.bench_report(report)
     if failure is not None:
         raise failure
+
+
+@app.command(epilog=_examples("tdkd export student -o student.onnx",
+                              "tdkd bench student student.onnx --batch-size 32 --seq-len 64   (eager vs ONNX Runtime)"))
+def export(
+    model: str = typer.Argument(..., help="Merged student (HF directory or timm directory), an MPO checkpoint (contracted first), or a preset."),
+    output: Path = typer.Option(..., "-o", "--output", help="Output file (.onnx)."),
+    format: str = typer.Option("onnx", "--format", help="Export format (onnx)."),
+    tolerance: float = typer.Option(1e-4, "--tolerance", help="Largest accepted |onnxruntime - PyTorch| relative to the largest |logit| on the probe."),
+    init: str = typer.Option("pretrained", "--init", help="pretrained | random (presets build offline from their config)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+):
+    """Export a student as ONNX (dynamic batch and sequence axes; logits out), verified with onnxruntime.
+
+    The file is run by onnxruntime on a probe batch of another shape than the traced one (with a
+    padded row for text) and compared with PyTorch; above --tolerance it exits 1 and writes nothing.
+    `tdkd bench` times .onnx files with onnxruntime beside PyTorch models."""
+    from . import render
+    from .export import export_onnx
+
+    if format != "onnx":
+        raise UsageError(f"--format {format!r} is not supported (onnx)")
+    report = export_onnx(model, output, tolerance=tolerance, force=force, init=init)
+    if as_json:
+        render.emit_json(report)
+    else:
+        render.console().print(f"exported {model} -> {report['output']} (ONNX opset {report['opset']}, inputs "
+                               f"{', '.join(report['inputs'])}; {report['bytes'] / 2**20:.1f} MB); onnxruntime vs PyTorch on "
+                               f"a probe: max rel. diff {report['max_rel_diff']:.1e} (tolerance {report['tolerance']:g}) OK")
 
 
 @app.command(epilog=_examples("tdkd report runs/kd runs/opdf -o report  (then open report/report.md)",

@@ -210,9 +210,12 @@ def bench_models(specs: Sequence[str], *, device: str = "cpu", batch_size: int =
     loaded = []
     seen: dict[str, int] = {}
     for spec in specs:
-        m = load_any(spec, init=init, seed=seed)
         seen[spec] = seen.get(spec, 0) + 1
         name = spec if seen[spec] == 1 else f"{spec}#{seen[spec]}"
+        if spec.lower().endswith(".onnx") and Path(spec).is_file():  # timed with onnxruntime
+            loaded.append((name, Path(spec), "onnx"))
+            continue
+        m = load_any(spec, init=init, seed=seed)
         loaded.append((name, m.model, m.family))
     return bench.run(loaded, device=device, batch_size=batch_size, seq_len=seq_len, dtype=dtype, threads=threads,
                      warmup=warmup, iters=iters, on_round=on_round)
