@@ -29,6 +29,8 @@ class Outputs:
     hidden: tuple | None = None  # HF hidden states (embeddings first)
     attentions: tuple | None = None  # HF attention probabilities per layer
     features: dict = field(default_factory=dict)  # module path -> output (features.FeatureTap)
+    members: list | None = None  # logits of every peer / branch (online schemes, scheme.py)
+    gate: torch.Tensor | None = None  # ONE: gate weights (batch, branches)
 
 
 @dataclass

@@ -153,3 +153,43 @@ def cc_loss(student_feat: torch.Tensor, teacher_feat: torch.Tensor, gamma: float
         return sum(math.exp(-2 * gamma) * (2 * gamma) ** p / math.factorial(p) * sim ** p for p in range(int(order) + 1))
     cs, ct = corr(student_feat), corr(teacher_feat.detach())
     return ((cs - ct) ** 2).sum() / cs.shape[0] ** 2
+
+
+# ----------------------------------------------------------------------------------------------
+# Online KD: the students teach each other (the "teacher" side of each KL is detached)
+# ----------------------------------------------------------------------------------------------
+def _soft_kl(student_logits: torch.Tensor, target_logits: torch.Tensor, t: float) -> torch.Tensor:
+    """T^2 KL(softmax(target / T) || softmax(student / T)), batch mean; the target is detached."""
+    log_ps = F.log_softmax(student_logits.float() / t, -1)
+    log_pt = F.log_softmax(target_logits.detach().float() / t, -1)
+    return (t * t) * F.kl_div(log_ps, log_pt, reduction="batchmean", log_target=True)
+
+
+def dml_loss(peer_logits: list[torch.Tensor], labels: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Deep mutual learning (Zhang et al., CVPR 2018) for a cohort of K peers:
+    sum_k [ CE(z_k, y) + 1/(K-1) sum_{j != k} T^2 KL(p_j || p_k) ], p = softmax(z / T), each p_j
+    detached: peer k's gradient is that of its own DML loss, as if the peers were updated in turn
+    from the same predictions."""
+    k_peers = len(peer_logits)
+    total = peer_logits[0].new_zeros((), dtype=torch.float32)
+    for k, zk in enumerate(peer_logits):
+        mimic = sum(_soft_kl(zk, zj, temperature) for j, zj in enumerate(peer_logits) if j != k) / (k_peers - 1)
+        total = total + F.cross_entropy(zk.float(), labels) + mimic
+    return total
+
+
+def one_ensemble(branch_logits: list[torch.Tensor], gate: torch.Tensor) -> torch.Tensor:
+    """The gated ensemble of ONE: z_e = sum_b g_b z_b, ``gate`` (batch, branches) summing to 1."""
+    return (gate.float().unsqueeze(-1) * torch.stack([z.float() for z in branch_logits], 1)).sum(1)
+
+
+def one_loss(branch_logits: list[torch.Tensor], gate: torch.Tensor, labels: torch.Tensor,
+             temperature: float = 1.0) -> torch.Tensor:
+    """ONE, on-the-fly native ensemble (Lan et al., NeurIPS 2018):
+    sum_b CE(z_b, y) + CE(z_e, y) + sum_b T^2 KL(p_e || p_b), z_e the gated ensemble; the
+    ensemble is detached in the KL (it teaches the branches; CE(z_e) trains it and the gate)."""
+    ens = one_ensemble(branch_logits, gate)
+    total = F.cross_entropy(ens, labels)
+    for z in branch_logits:
+        total = total + F.cross_entropy(z.float(), labels) + _soft_kl(z, ens, temperature)
+    return total

@@ -141,7 +141,27 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("cc", "relation", "Correlation congruence, Peng et al., ICCV 2019",
            dict(_PATHS, gamma=(0.4, "Gaussian kernel width gamma"), order=(2.0, "order P of the kernel's Taylor series")),
            _pairwise(ml.cc_loss, "gamma", "order"), features=True),
+    # ways to train rather than loss terms (online.py): at most one per run, never bound as a term
+    Method("dml", "online", "Deep mutual learning, Zhang et al., CVPR 2018",
+           {"peers": (2.0, "cohort size K: copies of the student, peer k seeded seed+k"),
+            "students": (None, "the peers' models joined by '+' instead (peer 0 first)"),
+            "mpo": (None, "per peer 1 (MPO) or 0 (dense), joined by '+' (default: the recipe's mpo for all)"),
+            "temperature": (1.0, "temperature T of the KL between peers")},
+           None, families="text, ViT, CNN; no teacher"),
+    Method("one", "online", "ONE, on-the-fly native ensemble, Lan et al., NeurIPS 2018",
+           {"branches": (3.0, "branches B over the shared trunk"),
+            "layers": (1.0, "last blocks in each branch (transformer layers or CNN blocks), with the head"),
+            "temperature": (3.0, "temperature T of KL(ensemble || branch)")},
+           None, families="text, ViT, CNN; no teacher"),
+    Method("theseus", "replacement", "BERT-of-Theseus, Xu et al., EMNLP 2020",
+           {"group": (2.0, "predecessor (teacher) layers each successor layer replaces"),
+            "base": (0.3, "replacement probability at step 0"),
+            "rate": (0.001, "growth of the probability per step: p_t = min(1, base + rate * t)")},
+           None, families="text, ViT (layer stacks); teacher = predecessor"),
 )}
+
+# methods that are a way to train (online.py), not a loss term added to the sum
+TRAINING_SCHEMES = ("online", "replacement")
 
 
 @dataclass(frozen=True)
@@ -166,7 +186,7 @@ def parse(spec: str) -> Spec:
         if not eq or (key != "weight" and key not in opts):
             known = ", ".join(["weight", *opts])
             raise UsageError(f"method {spec!r}: expected option=value with an option of {method.name} ({known}), got {item!r}")
-        if key in ("student", "teacher"):
+        if method.options.get(key, (0.0,))[0] is None:  # a text option (module paths, model specs)
             opts[key] = value.strip()
             continue
         number = _number(spec, key, value)
@@ -176,7 +196,7 @@ def parse(spec: str) -> Spec:
             opts[key] = number
     if "temperature" in opts and opts["temperature"] <= 0:
         raise UsageError(f"method {spec!r}: temperature must be positive")
-    for key in ("heads", "order"):
+    for key in ("heads", "order", "peers", "branches", "layers", "group"):
         if key in opts and opts[key] != int(opts[key]):
             raise UsageError(f"method {spec!r}: {key} must be a whole number (got {opts[key]:g})")
     missing = [k for k in ("student", "teacher") if method.features and not opts.get(k)]
@@ -286,6 +306,8 @@ def bind(specs, student: nn.Module, teacher: nn.Module | None, layer_map: list[i
     bound = Bound()
     feature_specs = []
     for spec in parse_all(specs):
+        if spec.method.kind in TRAINING_SCHEMES:
+            continue  # online.setup builds these
         if not spec.method.features:
             if spec.weight > 0:
                 bound.terms.append((_response_term(spec), spec.weight))
@@ -399,6 +421,7 @@ def catalogue() -> list[dict]:
     rows = [{"name": n, "kind": k, "paper": p, "recipe": keys, "families": fam, "options": {}} for n, k, p, keys, fam in BUILTIN]
     for m in METHODS.values():
         rows.append({"name": m.name, "kind": m.kind, "paper": m.paper, "families": m.families,
-                     "recipe": f"methods: ['{m.name}:weight=1{',student=MODULE,teacher=MODULE' if m.features else ''}']",
+                     "recipe": (f"methods: ['{m.name}']" if m.kind in TRAINING_SCHEMES else
+                                f"methods: ['{m.name}:weight=1{',student=MODULE,teacher=MODULE' if m.features else ''}']"),
                      "options": {k: {"default": d, "help": h} for k, (d, h) in m.options.items()}})
     return rows

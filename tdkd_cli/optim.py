@@ -27,21 +27,24 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
     return max(0.0, (total - step) / max(1, total - warmup))
 
 
-def setup(model: nn.Module, connectors: dict[str, nn.Module], r: Recipe) -> tuple[torch.optim.Optimizer, dict]:
+def setup(model: nn.Module, connectors: dict[str, nn.Module], r: Recipe,
+          members: tuple[nn.Module, ...] = ()) -> tuple[torch.optim.Optimizer, dict]:
     """AdamW over MPO cores (mpo_lr), weight matrices (decayed), biases and norms, and connectors
-    (in the decayed group, or their own with connector_lr).
+    (in the decayed group, or their own with connector_lr). ``members``: more modules grouped as
+    the student is (the other peers or branches of an online method, scheme.py).
     Returns the optimizer and the base learning rate of each group."""
-    core_ids = {id(c) for m in tensorize.mpo_modules(model).values() for c in tensorize.layer_cores(m)}
     groups = {"cores": [], "decay": [], "no_decay": []}
-    for _, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if id(p) in core_ids:
-            groups["cores"].append(p)
-        elif p.ndim >= 2:  # weight matrices (embeddings included); biases and norm scales are 1-D
-            groups["decay"].append(p)
-        else:
-            groups["no_decay"].append(p)
+    for module in (model, *members):
+        core_ids = {id(c) for m in tensorize.mpo_modules(module).values() for c in tensorize.layer_cores(m)}
+        for _, p in module.named_parameters():
+            if not p.requires_grad:
+                continue
+            if id(p) in core_ids:
+                groups["cores"].append(p)
+            elif p.ndim >= 2:  # weight matrices (embeddings included); biases and norm scales are 1-D
+                groups["decay"].append(p)
+            else:
+                groups["no_decay"].append(p)
     own = "connectors" if r.connector_lr is not None else "decay"  # a group of their own when they have their own lr
     groups.setdefault(own, [])
     for module in connectors.values():

@@ -9,8 +9,9 @@ the tensor constraint.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Callable
 
 from torch import nn
 
@@ -49,10 +50,13 @@ def no_teacher(spec: str | None) -> bool:
     return spec is None or spec.strip().lower() in ("none", "null", "")
 
 
-def setup(r: Recipe, num_labels: int, reporter: Reporter) -> Pair:
+def setup(r: Recipe, num_labels: int, reporter: Reporter, cut: Callable[[models.Loaded], str | None] | None = None) -> Pair:
     """Teacher (frozen later by the loop), student (cut, over-parameterized or merged as the recipe
-    says), the layer map and, when tensor_lambda > 0, the teacher cores the constraint aligns to."""
+    says), the layer map and, when tensor_lambda > 0, the teacher cores the constraint aligns to.
+    ``cut(teacher)`` gives the student's layers when a method chooses them (Theseus)."""
     teacher = _load_teacher(r, num_labels)
+    if cut is not None and teacher is not None:
+        r = replace(r, student_layers=cut(teacher))
     student = _load_student(r, num_labels, teacher)
     lmap = None
     if teacher is not None:
@@ -75,9 +79,25 @@ def setup(r: Recipe, num_labels: int, reporter: Reporter) -> Pair:
     return pair
 
 
+def load_peer(r: Recipe, spec: str, seed: int, mpo: bool, num_labels: int, reporter: Reporter) -> models.Loaded:
+    """One more student for an online method (a DML peer, the source of a ONE branch): loaded and
+    cut like the run's student, with ``seed``, dense or in MPO form as ``mpo`` says (decomposed
+    on the fly without a teacher to plan against)."""
+    rr = replace(r, student=spec, seed=seed)
+    student = _load_student(rr, num_labels, None)
+    _check_student(rr, student, num_labels)
+    is_mpo = bool(tensorize.mpo_modules(student.model))
+    if is_mpo and not mpo:
+        tensorize.merge(student.model)
+    elif mpo and not is_mpo:
+        decompose_student(student, None, rr, reporter)
+    return student
+
+
 def _load_teacher(r: Recipe, num_labels: int) -> models.Loaded | None:
     if no_teacher(r.teacher):
-        if r.tensor_lambda > 0 or r.hidden_weight > 0 or r.attention_weight > 0 or r.layer_map or r.methods:
+        loss_methods = [m for m in (r.methods or ()) if m.partition(":")[0].strip().lower() not in ("dml", "one", "theseus")]
+        if r.tensor_lambda > 0 or r.hidden_weight > 0 or r.attention_weight > 0 or r.layer_map or loss_methods:
             raise UsageError("hidden_weight, attention_weight, tensor_lambda, layer_map and methods need a teacher (teacher is 'none')")
         return None
     teacher = load_any(r.teacher, init=r.init, num_labels=num_labels, weights=r.teacher_weights, seed=r.seed, keep_head=True)

@@ -83,11 +83,18 @@ def distill_summary(report: dict, output) -> None:
         rows.append(("aligned auxiliary cores", f"{report['aligned_cores']} (skipped {report['skipped_cores']})"))
     for note in report.get("connectors") or ():
         rows.append(("connector (trained, not in the merged model)", note))
+    scheme = report.get("scheme") or {}
+    if scheme:
+        rows.append(("trained with", f"{scheme['method']}" + (f": {', '.join(scheme['members'])}" if scheme.get("members") else "")))
     for k, v in (report.get("final_metrics") or {}).items():
-        rows.append((f"final dev {k}", f"{v:.4f}"))
+        if isinstance(v, (int, float)):
+            rows.append((f"final dev {k}", f"{v:.4f}"))
     if best.get("value") is not None:
-        rows.append((f"best dev {best['metric']}", f"{best['value']:.4f} (step {best['step']})"))
+        of = f", {best['member']}" if best.get("member") else ""
+        rows.append((f"best dev {best['metric']}", f"{best['value']:.4f} (step {best['step']}{of})"))
     rows += [("best model", report["best_dir"]), ("last full checkpoint", str(report["checkpoint"]))]
+    if report.get("members_dir"):
+        rows.append(("every member (last step)", report["members_dir"]))
     for a, b in rows:
         t.add_row(a, b)
     console().print(t)
@@ -132,13 +139,22 @@ class DistillReporter:
     def evaluated(self, step: int, metrics: dict, best: bool) -> None:
         self.evals.append((step, metrics, best))
         if not self.quiet:
-            m = " ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+            m = " ".join(_metric_text(k, v) for k, v in metrics.items())
             self.err.print(f"eval at step {step}: {m}{'  (best so far)' if best else ''}")
 
     def finish(self) -> None:
         if self.progress is not None:
             self.progress.stop()
             self.progress = None
+
+
+def _metric_text(key: str, value) -> str:
+    """One evaluation's entry: a number, the best member's name, or every member's first metric."""
+    if isinstance(value, (int, float)):
+        return f"{key} {value:.4f}"
+    if isinstance(value, dict):
+        return "(" + ", ".join(f"{n} {next(iter(v.values())):.4f}" for n, v in value.items()) + ")"
+    return f"{key} {value}"
 
 
 def recipes_table(rows: list[tuple[str, str]], where) -> None:

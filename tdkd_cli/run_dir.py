@@ -308,6 +308,17 @@ def save_best(out: Path, model: nn.Module, source: dict, tok_dir: Path | None, b
                                       extra={"trained_by": "tdkd distill", "step": best["step"], "best": best})
 
 
+MEMBERS_DIR = "members"
+
+
+def save_member(out: Path, name: str, model: nn.Module, source: dict, tok_dir: Path | None, step: int) -> None:
+    """members/NAME/: one member of an online scheme (a DML peer, a ONE branch) as model files."""
+    (out / MEMBERS_DIR).mkdir(exist_ok=True)
+    with ckpt.atomic_dir(out / MEMBERS_DIR / name, force=True) as tmp:
+        model_files.write_model_files(tmp, model, source, tok_dir, n=None,
+                                      extra={"trained_by": "tdkd distill", "step": step, "member": name})
+
+
 def restore(cdir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, connectors: dict[str, nn.Module],
             dist: Dist, device: str) -> None:
     """Load a full-state checkpoint into this process's model, optimizer, connectors and RNG."""
@@ -360,6 +371,8 @@ class Progress:
         improved = self.best["value"] is None or value > self.best["value"]
         if improved:
             self.best = {"metric": metric, "value": value, "step": self.step}
+            if "member" in metrics:  # an online scheme: which peer or branch
+                self.best["member"] = metrics["member"]
         return improved
 
     def state_dict(self) -> dict:

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from . import __version__
-from . import distributed, loss_terms, methods, optim, pair as pair_mod, precision, recipe as recipe_mod, run_dir, teacher_cache, tensorize, training_data
+from . import distributed, loss_terms, methods, online, optim, pair as pair_mod, precision, recipe as recipe_mod, run_dir, teacher_cache, tensorize, training_data
 from .distributed import Dist
 from .errors import Interrupted, TrainingDiverged, UsageError
 from .evaluate import evaluate_images, evaluate_text
@@ -40,6 +40,7 @@ from .features import FeatureTap
 from .pair import Pair, Reporter
 from .recipe import Recipe
 from .run_dir import Progress
+from .scheme import Scheme
 
 __all__ = ["run", "Reporter", "Progress"]
 
@@ -54,17 +55,22 @@ def _setup_recipe(r: Recipe, out: Path, resume: bool, force: bool, explicit: set
     if r.tensorboard:
         run_dir.check_tensorboard()  # before the run directory is touched
     device, dist = distributed.setup(r.device)
+    if not resume:
+        online.check(r, dist.world)
     run_dir.prepare(out, resume, force, dist)
     if resume:
         r = recipe_mod.for_resume(run_dir.read_recipe(out), r, explicit, f"{out}/{run_dir.RECIPE_FILE}")
+        online.check(r, dist.world)
         device = distributed.resolve_device(r.device) if dist.world == 1 else device
     return r, device, dist
 
 
-def _setup_models(pair: Pair, r: Recipe, device: str) -> dict[str, nn.Module]:
-    """Move the pair to the device (student training, teacher frozen in eval mode); return the
-    connectors the loss terms train with the student."""
+def _setup_models(pair: Pair, r: Recipe, device: str, scheme: Scheme) -> dict[str, nn.Module]:
+    """Move the pair to the device (student and the scheme's extras training, teacher frozen in
+    eval mode); return the connectors the loss terms train with the student."""
     pair.student.model.to(device).train()
+    for module in scheme.extras.values():
+        module.to(device).train()
     if pair.teacher is not None:
         pair.teacher.model.to(device).eval()
         for p in pair.teacher.model.parameters():
@@ -82,7 +88,7 @@ def _setup_models(pair: Pair, r: Recipe, device: str) -> dict[str, nn.Module]:
 def _setup_methods(pair: Pair, r: Recipe, batches: training_data.Batches, device: str) -> methods.Bound:
     """Bind the recipe's methods to the models (methods.bind): feature shapes come from one
     forward pass of each model, in eval mode and without gradients, on the first batch."""
-    if not r.methods:
+    if not r.methods or pair.teacher is None:  # without a teacher only online methods (online.py) are allowed
         return methods.Bound()
 
     def probe(s_paths: list[str], t_paths: list[str]) -> tuple[dict, dict]:
@@ -155,36 +161,41 @@ def prepare(r: Recipe, out: Path, *, resume: bool = False, force: bool = False, 
         reporter = Reporter()
     torch.manual_seed(r.seed)
     ds = training_data.load(r)
-    pair = pair_mod.setup(r, ds.num_labels, reporter)
-    model = pair.student.model
+    pair = pair_mod.setup(r, ds.num_labels, reporter, cut=online.successor_cut(r))
     tok_dir = pair.tokenizer_dir(r.tokenizer) if ds.kind == "text" else None
-    batches = training_data.prepare(ds, r, tok_dir, int(getattr(getattr(model, "config", None), "vocab_size", 0)), dist)
+    vocab = int(getattr(getattr(pair.student.model, "config", None), "vocab_size", 0))
+    batches = training_data.prepare(ds, r, tok_dir, vocab, dist)
     total = batches.total_steps(r.epochs, r.max_steps)
-    connectors = _setup_models(pair, r, device)
+    scheme = online.setup(r, pair, ds.num_labels, reporter, lambda: batches.batch(batches.indices(0, 0), pair.student.model, "cpu"))
+    model = pair.student.model
+    connectors = _setup_models(pair, r, device, scheme)
     bound = _setup_methods(pair, r, batches, device)
     connectors.update(bound.connectors)
-    optimizer, base_lrs = optim.setup(model, connectors, r)
+    optimizer, base_lrs = optim.setup(model, connectors, r, tuple(scheme.extras.values()))
     fwd_model = _wrap_ddp(model, dist, device)
     progress = Progress(r.seed, dist.world, total, batches.steps_per_epoch, ds.metric)
-    _setup_progress(out, resume, progress, model, optimizer, connectors, dist, device, r.seed, reporter)
+    _setup_progress(out, resume, progress, model, optimizer, {**connectors, **scheme.extras}, dist, device, r.seed, reporter)
     training = Training(r, out, dist, device, reporter, ds, pair, batches, fwd_model, connectors, optimizer, base_lrs,
-                        total, progress, tok_dir, bound.terms)  # checks the module paths loss terms read: before anything is written
+                        total, progress, tok_dir, bound.terms, scheme)  # checks the module paths loss terms read: before anything is written
     if dist.main:
-        run_dir.write_run_info(out, _run_info(dist, device, argv, total, ds, pair), recipe_mod.dump(r), progress.step)
+        run_dir.write_run_info(out, _run_info(dist, device, argv, total, ds, pair, scheme), recipe_mod.dump(r), progress.step)
         if progress.step == 0:
             run_dir.write_init_spectra(out, model)
     dist.barrier()
     return training, bound.notes
 
 
-def _run_info(dist: Dist, device: str, argv, total: int, ds, pair: Pair) -> dict:
-    return {
+def _run_info(dist: Dist, device: str, argv, total: int, ds, pair: Pair, scheme: Scheme) -> dict:
+    info = {
         "format": "tdkd-run", "tdkd_version": __version__, "world_size": dist.world, "device": device,
         "argv": argv, "status": "running", "total_steps": total, "data": str(ds.path),
         "layer_map": pair.layer_map,
         "tensor_constraint": [{"student": p.student, "teacher": p.teacher, "aligned_cores": list(p.cores),
                                "skipped_cores": list(p.skipped)} for p in pair.core_pairs],
     }
+    if scheme.method:
+        info["scheme"] = scheme.info()
+    return info
 
 
 def _summary(t: "Training", pair: Pair, ds, batches) -> dict:
@@ -196,12 +207,14 @@ def _summary(t: "Training", pair: Pair, ds, batches) -> dict:
             "seconds_per_step": round(elapsed / timed, 4) if timed else None,
             "checkpoint": str(dirs[-1]) if dirs else None,
             "best_dir": str(t.out / "best"), "world_size": t.dist.world, "device": t.device,
-            "params_training": sum(x.numel() for x in model.parameters()),
+            "params_training": sum(x.numel() for m in (model, *t.scheme.extras.values()) for x in m.parameters()),
             "params_inference": tensorize.dense_param_count(model),
             "train_examples": batches.n_train, "steps_per_epoch": batches.steps_per_epoch, "total_steps": t.total,
             "dev_examples": len(ds.dev) if ds.dev is not None else 0,
             "aligned_cores": sum(len(c.cores) for c in pair.core_pairs),
-            "skipped_cores": sum(len(c.skipped) for c in pair.core_pairs)}
+            "skipped_cores": sum(len(c.skipped) for c in pair.core_pairs),
+            "scheme": t.scheme.info() if t.scheme.method else None,
+            "members_dir": str(t.out / run_dir.MEMBERS_DIR) if t.scheme.members() else None}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -268,10 +281,16 @@ class Training:
     progress: Progress
     tok_dir: Path | None
     method_terms: list  # (term, weight) of the run's distillation methods (methods.bind)
+    scheme: Scheme = field(default_factory=Scheme)  # online KD or module replacement (online.py)
 
     def __post_init__(self):
         self.model = self.pair.student.model
-        self.terms = loss_terms.active(self.r, self.pair.teacher is not None) + self.method_terms
+        builtin = loss_terms.active(self.r, self.pair.teacher is not None)
+        if self.scheme.replaces_ce:  # its own term holds every member's CE
+            builtin = [(t, w) for t, w in builtin if t.name not in ("ce", "kd")]
+        own = self.scheme.loss_term()
+        self.terms = builtin + ([own] if own else []) + self.method_terms
+        self.saved = {**self.connectors, **self.scheme.extras}  # trained beside the student, in trainer state
         self.batch_terms = [(t, w) for t, w in self.terms if not t.per_step]
         self.step_terms = [(t, w) for t, w in self.terms if t.per_step]
         self.batch_needs = loss_terms.needs(self.terms)
@@ -308,6 +327,8 @@ class Training:
             if self.ds.dev is None and self.dist.main:
                 run_dir.save_best(self.out, self.model, self.pair.student.source, self.tok_dir,
                                   {"metric": None, "value": None, "step": self.total})
+            if self.dist.main:
+                self._save_members()
         finally:
             for tap in self.taps.values():
                 if tap is not None:
@@ -364,14 +385,14 @@ class Training:
         terms = torch.zeros(len(self.log_keys), dtype=torch.float64)
         slot = self.slot
         with precision.autocast(self.device, r.precision):  # the contraction of the cores
-            rebuilt = tensorize.RebuiltWeights(self.model, grad=True)
+            rebuilt = [tensorize.RebuiltWeights(mod, grad=True) for mod in (self.model, *self.scheme.extras.values())]
         try:
             for m in range(accum):
                 idx = self.batches.indices(step, m)
                 batch = self.batches.batch(idx, self.model, self.device)
                 with self.fwd_model.no_sync() if self.dist.world > 1 else nullcontext():
                     with precision.autocast(self.device, r.precision):
-                        s = self._forward(self.fwd_model, batch, "student")
+                        s = self.scheme.forward(self.fwd_model, batch, step, m, lambda mod: self._forward(mod, batch, "student"))
                         t = self._teacher(idx, batch) if "teacher" in self.batch_needs else None
                     loss = s.logits.new_zeros((), dtype=torch.float32)
                     for term, w in self.batch_terms:
@@ -384,9 +405,11 @@ class Training:
                     self._backward(loss / accum)
                 self.log.examples += len(idx)
             if math.isfinite(float(terms[0])):
-                rebuilt.backward()
+                for rb in rebuilt:
+                    rb.backward()
         finally:
-            rebuilt.release()
+            for rb in rebuilt:
+                rb.release()
         if math.isfinite(float(terms[0])):
             for term, w in self.step_terms:
                 value = term.compute(None, None, None, self.ctx)
@@ -430,10 +453,10 @@ class Training:
             self.reporter.step(step, self.total, rec)
         do_eval = self.ds.dev is not None and ((r.eval_every and step % r.eval_every == 0) or step == self.total)
         if do_eval and self.dist.main:
-            metrics = self._evaluate()
+            metrics, member = self._evaluate()
             improved = p.record_eval(metrics, self.ds.metric)
             if improved:
-                run_dir.save_best(self.out, self.model, self.pair.student.source, self.tok_dir, p.best)
+                self._save_best(member)
             self.metrics_log.append({"step": step, "eval": metrics, "best": improved})
             self.reporter.evaluated(step, metrics, improved)
         if do_eval:
@@ -443,10 +466,33 @@ class Training:
         elif self.teacher_cache is not None and self.teacher_cache.complete and self.dist.main:
             self.teacher_cache.save()  # the last example was just filled (a no-op once written)
 
-    def _evaluate(self) -> dict:
+    def _evaluate(self) -> tuple[dict, str | None]:
+        """Dev metrics, and the member they belong to: of an online scheme every member is
+        evaluated and the best one's metrics come first (``members`` holds them all)."""
+        names = self.scheme.members()
+        if not names:
+            return self._evaluate_model(self.model), None
+        results = {}
+        for name in names:
+            with self.scheme.member(self.model, name) as (model, _):
+                results[name] = self._evaluate_model(model)
+        best = max(names, key=lambda n: results[n][self.ds.metric])  # the first of equals
+        return {**results[best], "member": best, "members": results}, best
+
+    def _evaluate_model(self, model: nn.Module) -> dict:
         if self.ds.kind == "text":
-            return evaluate_text(self.model, self.batches.enc_dev, self.ds.task, self.r.eval_batch_size, self.device)[0]
-        return evaluate_images(self.model, self.ds.dev, self.r.eval_batch_size, self.device)[0]
+            return evaluate_text(model, self.batches.enc_dev, self.ds.task, self.r.eval_batch_size, self.device)[0]
+        return evaluate_images(model, self.ds.dev, self.r.eval_batch_size, self.device)[0]
+
+    def _save_best(self, member: str | None) -> None:
+        with self.scheme.member(self.model, member) as (model, source):
+            run_dir.save_best(self.out, model, source or self.pair.student.source, self.tok_dir, self.progress.best)
+
+    def _save_members(self) -> None:
+        """members/NAME/: every deployable member of an online scheme as it ends the run."""
+        for name in self.scheme.members():
+            with self.scheme.member(self.model, name) as (model, source):
+                run_dir.save_member(self.out, name, model, source or self.pair.student.source, self.tok_dir, self.total)
 
     def _save(self) -> Path | None:
         rng = distributed.gather_rng(self.dist)
@@ -458,7 +504,7 @@ class Training:
                 self.teacher_cache.save()
             n = self.r.n if tensorize.mpo_modules(self.model) else None
             path = run_dir.save_full(self.out, self.progress.step, self.model, self.pair.student.source, self.tok_dir, n,
-                                     self.optimizer, self.connectors, rng, self.progress.state_dict())
+                                     self.optimizer, self.saved, rng, self.progress.state_dict())
             for old in run_dir.checkpoint_dirs(self.out)[:-self.r.keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
         self.dist.barrier()
