@@ -47,7 +47,7 @@ def test_dml_loss_equals_hand_computation_and_peers_are_targets_only():
             want += ce + kl
         logits = [torch.tensor(x, requires_grad=True) for x in z]
         got = ml.dml_loss(logits, torch.tensor(Y), t)
-        assert float(got) == pytest.approx(want, rel=1e-6)
+        assert float(got.detach()) == pytest.approx(want, rel=1e-6)
         # peer k's gradient is that of its own loss alone: the other peers are detached targets
         got.backward()
         own = [torch.tensor(x, requires_grad=True) for x in z]
@@ -67,7 +67,7 @@ def test_one_loss_equals_hand_computation_and_the_ensemble_is_detached_in_the_kl
         want += t * t * sum(_kl(_softmax(ens[i], t), _softmax(Z[b][i], t)) for i in range(2)) / 2
     g = torch.tensor(gate, requires_grad=True)
     got = ml.one_loss([torch.tensor(x) for x in Z], g, torch.tensor(Y), t)
-    assert float(got) == pytest.approx(want, rel=1e-6)
+    assert float(got.detach()) == pytest.approx(want, rel=1e-6)
     got.backward()
     # the gate learns from CE(ensemble) alone
     g2 = torch.tensor(gate, requires_grad=True)
@@ -288,3 +288,56 @@ def test_online_on_a_cnn(tmp_path, capsys, spec, mpo):
     plain = timm.create_model(cfg["architecture"], num_classes=cfg["num_classes"], **cfg.get("model_args", {}))
     plain.load_state_dict(load_file(str(tmp_path / "merged" / "model.safetensors")))
     assert len(plain.layer4) == 1 and plain.fc.out_features == 10
+
+
+def test_dml_runs_under_torchrun_as_accumulation_does(text, tmp_path):
+    """2 processes x 1 micro-batch == 1 process x 2 micro-batches (no dropout), every peer included;
+    ONE and Theseus refuse several processes with one line."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tdkd_cli import online, recipe
+
+    d, task, teacher = text
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    common = ["--data", str(task), "--teacher", "none", "--student", str(teacher), "--student-layers", "0,1",
+              "--method", "dml:peers=2,mpo=1+0", "--mpo-n", "3", "--batch-size", "8", "--max-steps", "2", "--lr", "3e-3",
+              "--device", "cpu", "--json"]
+    torchrun = Path(sys.executable).parent / "torchrun"
+    p = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "tdkd_cli", "distill", *common,
+                        "-o", str(tmp_path / "ddp")], capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    p1 = subprocess.run([sys.executable, "-m", "tdkd_cli", "distill", *common, "--grad-accum", "2", "-o", str(tmp_path / "one")],
+                        capture_output=True, text=True, env=env, timeout=300)
+    assert p1.returncode == 0, p1.stderr[-3000:]
+    for name in ("model.safetensors", "trainer_state.safetensors"):
+        a = load_file(str(tmp_path / "ddp" / "checkpoints" / "step-0000002" / name))
+        b = load_file(str(tmp_path / "one" / "checkpoints" / "step-0000002" / name))
+        keys = [k for k in b if not k.startswith("rng.")]
+        assert keys and any(k.startswith("peer-1.") for k in keys) == (name == "trainer_state.safetensors")
+        for k in keys:
+            assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6), k
+    for spec in ("one", "theseus"):
+        r, _ = recipe.build(None, {"data": str(task), "teacher": None if spec == "one" else str(teacher),
+                                   "student": str(teacher), "methods": [spec]})
+        with pytest.raises(UsageError, match=f"{spec} does not run under torchrun"):
+            online.check(r, 2)
+
+
+@pytest.mark.parametrize("name", ["sst2-dml", "sst2-one", "sst2-theseus", "digits-dml", "digits-one"])
+def test_shipped_online_recipes_run(text, tmp_path, capsys, name):
+    """Each shipped online / replacement recipe trains 2 steps: the text ones with the tiny model in
+    place of MiniLM (and as Theseus's predecessor), the digits ones as shipped."""
+    d, task, teacher = text
+    models = {"sst2-dml": ["--student", str(teacher), "--student-layers", "0,1", "--data", str(task)],
+              "sst2-one": ["--student", str(teacher), "--student-layers", "0,1", "--data", str(task)],
+              "sst2-theseus": ["--teacher", str(teacher), "--data", str(task)]}.get(name, [])
+    rc, out, err = run_cli(["distill", "--recipe", name, *models, "--max-steps", "2", "--batch-size", "8",
+                            "--dev-limit", "16", "--device", "cpu", "--log-every", "1", "--json", "-o", str(tmp_path / "run")], capsys)
+    assert rc == 0, err
+    report = json.loads(out)
+    assert report["scheme"]["method"] == name.split("-")[1]
+    recs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert len(recs) == 2 and all(math.isfinite(r["loss"]) and r["loss"] > 0 for r in recs)
