@@ -11,6 +11,7 @@ second epoch, where a user's run spends its time.
     .venv/bin/python benchmarks/bench_train_step.py opdf        # the sst2-b-kd / sst2-d-opdf recipes
     .venv/bin/python benchmarks/bench_train_step.py precision   # OPDF and dense KD, fp32 vs bf16
     .venv/bin/python benchmarks/bench_train_step.py profile     # where an OPDF step's time goes
+    .venv/bin/python benchmarks/bench_train_step.py accum --train-limit 4096   # OPDF / dense KD at 1, 4, 8 micro-batches a step
 
 Options: --steps N (timed steps per variant, default 20), --train-limit N (default 1024: 32 steps
 per epoch at batch 32), --glue DIR (SST-2 for `opdf` and `precision`; default ../shared/data/glue).
@@ -45,6 +46,9 @@ def variants(which: str, glue: str, limit: int) -> dict[str, dict]:
                 "OPDF (sst2-d-opdf)": dict(sst2, recipe="sst2-d-opdf"),
                 "dense KD, no cache": dict(sst2, recipe="sst2-b-kd", teacher_cache=False),
                 "OPDF, no cache": dict(sst2, recipe="sst2-d-opdf", teacher_cache=False)}
+    if which == "accum":  # the cores are contracted once per optimizer step, whatever the accumulation
+        return {f"{arm} accum {k}": dict(sst2, recipe=recipe, grad_accum=k)
+                for k in (1, 4, 8) for arm, recipe in (("dense KD", "sst2-b-kd"), ("OPDF", "sst2-d-opdf"))}
     if which == "profile":
         return {"OPDF (sst2-d-opdf)": dict(sst2, recipe="sst2-d-opdf")}
     if which == "precision":
@@ -59,6 +63,7 @@ RATIOS = {
     "cache": [("KD, cached teacher", "fine-tune (no teacher)"), ("KD, teacher every step", "fine-tune (no teacher)")],
     "opdf": [("OPDF (sst2-d-opdf)", "dense KD (sst2-b-kd)"), ("OPDF, no cache", "dense KD, no cache")],
     "precision": [("dense KD bf16", "dense KD fp32"), ("OPDF bf16", "OPDF fp32"), ("OPDF bf16", "dense KD fp32")],
+    "accum": [(f"OPDF accum {k}", f"dense KD accum {k}") for k in (1, 4, 8)],
     "profile": [],
 }
 
@@ -142,10 +147,9 @@ def main() -> None:
     if a.batch_size:
         chosen = {name: dict(s, batch_size=a.batch_size) for name, s in chosen.items()}
     runs = {name: build(s, tmp / f"run{i}") for i, (name, s) in enumerate(chosen.items())}
-    epoch = next(iter(runs.values())).batches.steps_per_epoch
     for t in runs.values():  # the first epoch, untimed: fills the teacher caches
         if t.teacher_cache is not None:
-            for _ in range(epoch):
+            for _ in range(t.batches.steps_per_epoch):
                 t.step()
     if a.comparison == "profile":
         print(f"# profile of one OPDF step (sst2-d-opdf, batch {next(iter(runs.values())).r.batch_size}, epoch 2, "
@@ -154,7 +158,8 @@ def main() -> None:
     times = {name: [] for name in runs}
     for k in range(a.steps + 1):
         for name, t in runs.items():
-            t.progress.step = epoch + (k % epoch)  # the same batches for every variant
+            e = t.batches.steps_per_epoch
+            t.progress.step = e + (k % e)  # the same batches for every variant (of one accumulation)
             t0 = time.perf_counter()
             t.step()
             if k > 0:  # the first round warms up

@@ -72,6 +72,21 @@ def peer_specs(r: Recipe, options: dict) -> list[tuple[str, bool]]:
     return [(s, (flags[i] == "1") if flags else r.mpo) for i, s in enumerate(specs)]
 
 
+def _check_same_inputs(first: models.Loaded, peer: models.Loaded, k: int, spec: str) -> None:
+    """Every peer reads the same batch: one tokenizer for text, one input size and normalisation
+    for images."""
+    why = None
+    try:
+        pair_mod.check_vocab(first, peer)
+    except UsageError as exc:
+        why = str(exc).replace("teacher and student", "the peers").replace("teacher is", "peer 0 is").replace("the student", f"peer {k}")
+    if why is None and first.family == "timm" and models.image_norm(first.model) != models.image_norm(peer.model):
+        why = (f"their inputs differ (size, mean, std {models.image_norm(first.model)} vs "
+               f"{models.image_norm(peer.model)})")
+    if why:
+        raise UsageError(f"dml peer {k} ({spec}) and peer 0 cannot learn from one batch: {why}")
+
+
 def setup(r: Recipe, options: dict, pair: pair_mod.Pair, num_labels: int, reporter) -> Cohort:
     """The cohort: peer 0 replaces the run's student when its spec or form differs from it."""
     peers = []
@@ -79,11 +94,7 @@ def setup(r: Recipe, options: dict, pair: pair_mod.Pair, num_labels: int, report
         same = k == 0 and spec == r.student and mpo == r.mpo
         peer = pair.student if same else pair_mod.load_peer(r, spec, r.seed + k, mpo, num_labels, reporter)
         if peers:
-            try:
-                pair_mod.check_vocab(peers[0], peer)
-            except UsageError as exc:
-                raise UsageError(f"dml peer {k} ({spec}) and peer 0 cannot learn from one batch: "
-                                 + str(exc).replace("teacher and student", "the peers")) from None
+            _check_same_inputs(peers[0], peer, k, spec)
         peers.append(peer)
     pair.student = peers[0]
     reporter.info("dml cohort: " + ", ".join(f"peer-{k} {spec} ({'MPO' if mpo else 'dense'})"

@@ -36,6 +36,8 @@ def check(r: Recipe, world: int) -> None:
     name = s.method.name
     if world > 1 and name != "dml":
         raise UsageError(f"{name} does not run under torchrun (several processes) yet; run it in one process")
+    if s.weight != 1.0:
+        raise UsageError(f"method {s.text!r}: {name} is the whole loss, it takes no weight")
     others = [o.method.name for o in methods.parse_all(r.methods) if o.method.name != name]
     if others:
         raise UsageError(f"{name} trains with its own loss; it cannot be combined with the methods {', '.join(others)}")

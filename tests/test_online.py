@@ -99,6 +99,34 @@ def test_one_splits_bert_and_resnet_into_trunk_and_tail():
         branches.split(model, 4)
 
 
+def test_one_later_branches_read_the_first_branchs_trunk_and_train_it():
+    """Branch 1's logits equal a plain forward of the model with branch 1's tail in place (the
+    replayed trunk is exact), and a loss on branch 1 alone reaches the trunk, not branch 0's tail."""
+    import copy
+
+    from tdkd_cli import loss_terms
+    from tdkd_cli.models import load_model
+    from tdkd_cli.scheme import swapped
+
+    torch.manual_seed(0)
+    model = load_model("resnet-digits-small", init="random", num_labels=10).model.eval()
+    other = load_model("resnet-digits-small", init="random", num_labels=10, seed=1).model
+    trunk, tail = branches.split(model, 1)
+    copies = [[copy.deepcopy(other.get_submodule(p)) for p in tail]]
+    scheme = branches.Branches(trunk, tail, copies, torch.nn.Linear(64, 2), 3.0, {})
+    batch = {"x": torch.randn(4, 3, 32, 32)}
+    run = lambda m: loss_terms.forward(m, "timm", batch)  # noqa: E731
+    out = scheme.forward(model, batch, 0, 0, run)
+    with torch.no_grad(), swapped(model, dict(zip(tail, copies[0]))):
+        direct = model(batch["x"])
+    assert torch.allclose(out.members[1], direct, atol=1e-5)
+    assert not torch.allclose(out.members[0], out.members[1])
+    assert out.gate.shape == (4, 2) and torch.allclose(out.gate.sum(-1), torch.ones(4))
+    (out.members[1] ** 2).sum().backward()
+    assert float(model.conv1.weight.grad.abs().sum()) > 0  # the shared trunk (stem) learns from branch 1
+    assert model.fc.weight.grad is None and copies[0][1].weight.grad is not None
+
+
 # ----------------------------------------------------------------------------------------------
 # end to end on a tiny text task
 @pytest.fixture(scope="module")
@@ -252,11 +280,22 @@ def test_bad_online_input_is_one_line_exit_2_nothing_written(text, capsys):
         (none + ["--method", "dml", "--method", "one"], "a run takes one of them"),
         (["--teacher", str(teacher), "--method", "theseus", "--method", "dkd"], "cannot be combined with the methods dkd"),
         (none + ["--method", "dml:peers=2.5"], "peers must be a whole number"),
+        (none + ["--method", "dml:weight=2"], "dml is the whole loss, it takes no weight"),
     ]
     for extra, says in cases:
         out_dir = d / "bad"
         rc, out, err = _run(task, out_dir, capsys, *extra)
         assert rc == 2 and says in err and err.count("\n") == 1 and not out_dir.exists(), (extra, err)
+
+
+def test_dml_peers_must_read_the_same_images(tmp_path, capsys):
+    folder = digits_folder(tmp_path / "digits", count=120, dev_from=80)
+    run = tmp_path / "bad"
+    rc, _, err = run_cli(["distill", "--teacher", "none", "--student", "resnet-digits-small", "--init", "random",
+                          "--data", str(folder), "--no-mpo", "--method", "dml:students=resnet-digits-small+resnet10t",
+                          "--max-steps", "1", "--device", "cpu", "-o", str(run)], capsys)
+    assert rc == 2 and err.count("\n") == 1 and not run.exists(), err
+    assert "dml peer 1 (resnet10t) and peer 0 cannot learn from one batch: their inputs differ" in err
 
 
 def test_online_methods_are_listed(capsys):
