@@ -103,9 +103,9 @@ class Branches(Scheme):
 
     def forward(self, model, batch, step, micro, run):
         recorded, entry = {}, {}
-        mods = dict(model.named_modules())
-        hooks = [mods[p].register_forward_hook(lambda m, a, out, p=p: recorded.__setitem__(p, out)) for p in self.trunk]
-        hooks.append(mods[self.tail[0]].register_forward_pre_hook(lambda m, args: entry.__setitem__("x", args[0])))
+        hooks = [model.get_submodule(p).register_forward_hook(lambda m, a, out, p=p: recorded.__setitem__(p, out))
+                 for p in self.trunk]
+        hooks.append(model.get_submodule(self.tail[0]).register_forward_pre_hook(lambda m, args: entry.__setitem__("x", args[0])))
         try:
             out = run(model)
         finally:

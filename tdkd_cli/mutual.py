@@ -89,8 +89,9 @@ def _check_same_inputs(first: models.Loaded, peer: models.Loaded, k: int, spec: 
 
 def setup(r: Recipe, options: dict, pair: pair_mod.Pair, num_labels: int, reporter) -> Cohort:
     """The cohort: peer 0 replaces the run's student when its spec or form differs from it."""
+    specs = peer_specs(r, options)
     peers = []
-    for k, (spec, mpo) in enumerate(peer_specs(r, options)):
+    for k, (spec, mpo) in enumerate(specs):
         same = k == 0 and spec == r.student and mpo == r.mpo
         peer = pair.student if same else pair_mod.load_peer(r, spec, r.seed + k, mpo, num_labels, reporter)
         if peers:
@@ -98,5 +99,5 @@ def setup(r: Recipe, options: dict, pair: pair_mod.Pair, num_labels: int, report
         peers.append(peer)
     pair.student = peers[0]
     reporter.info("dml cohort: " + ", ".join(f"peer-{k} {spec} ({'MPO' if mpo else 'dense'})"
-                                             for k, (spec, mpo) in enumerate(peer_specs(r, options))))
+                                             for k, (spec, mpo) in enumerate(specs)))
     return Cohort(peers, float(options["temperature"]), 1.0)

@@ -15,7 +15,7 @@ from typing import Callable
 
 from torch import nn
 
-from . import layers, losses, models, mpo, tensorize
+from . import layers, losses, methods, models, mpo, tensorize
 from . import checkpoint as ckpt
 from .errors import UsageError
 from .model_files import load_any
@@ -96,7 +96,7 @@ def load_peer(r: Recipe, spec: str, seed: int, mpo: bool, num_labels: int, repor
 
 def _load_teacher(r: Recipe, num_labels: int) -> models.Loaded | None:
     if no_teacher(r.teacher):
-        loss_methods = [m for m in (r.methods or ()) if m.partition(":")[0].strip().lower() not in ("dml", "one", "theseus")]
+        loss_methods = [s for s in methods.parse_all(r.methods) if s.method.kind not in methods.TRAINING_SCHEMES]
         if r.tensor_lambda > 0 or r.hidden_weight > 0 or r.attention_weight > 0 or r.layer_map or loss_methods:
             raise UsageError("hidden_weight, attention_weight, tensor_lambda, layer_map and methods need a teacher (teacher is 'none')")
         return None

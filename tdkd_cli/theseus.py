@@ -48,11 +48,15 @@ def draw(seed: int, step: int, micro: int, groups: int, p: float) -> list[bool]:
     return (torch.rand(groups, generator=g, dtype=torch.float64) < p).tolist()
 
 
-def successor_layers(r: Recipe, group: int, teacher_layers: int) -> str | None:
-    """The student_layers a Theseus run cuts the successor with: the first layer of each group."""
+def check_group(group: int, teacher_layers: int) -> None:
     if teacher_layers % group:
         raise UsageError(f"theseus: group={group} does not divide the teacher's {teacher_layers} layers "
                          f"(divisors: {', '.join(str(d) for d in range(1, teacher_layers + 1) if teacher_layers % d == 0)})")
+
+
+def successor_layers(r: Recipe, group: int, teacher_layers: int) -> str | None:
+    """The student_layers a Theseus run cuts the successor with: the first layer of each group."""
+    check_group(group, teacher_layers)
     if r.student is not None or r.student_layers is not None:
         return r.student_layers
     return ",".join(str(g * group) for g in range(teacher_layers // group))
@@ -85,8 +89,7 @@ def setup(r: Recipe, options: dict, pair: pair_mod.Pair, reporter) -> Replacemen
     group, base, rate = int(options["group"]), float(options["base"]), float(options["rate"])
     s_path, s_stack = layers.layer_list(pair.student.model)
     t_path, t_stack = layers.layer_list(pair.teacher.model)
-    if len(t_stack) % group:
-        successor_layers(r, group, len(t_stack))  # raises the error that names the divisors
+    check_group(group, len(t_stack))
     if len(s_stack) * group != len(t_stack):
         raise UsageError(f"theseus: the successor has {len(s_stack)} layers; with group={group} the teacher's "
                          f"{len(t_stack)} layers need {len(t_stack) // group}")
