@@ -7,7 +7,7 @@
 
 For every method (logit KD, a feature-, a relation-based one, DML, Theseus) and arm (dense; MPO with
 lambda = 0; OPDF: MPO + tensor constraint) of a suite:
-1. tuning: each learning-rate setting of the arm (GRID; for MPO arms the cores' learning rate) is
+1. tuning: each learning-rate setting of the arm (Suite.grid; for MPO arms the cores' learning rate) is
    trained with the tuning seed and scored on a slice held out from the training file (never the dev
    set): the run's best checkpoint on that slice;
 2. the setting with the best held-out score is trained again with the other seeds (same data, steps
@@ -34,51 +34,62 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from opdf_experiments import cmd_run as train_teachers  # noqa: E402
 from opdf_experiments import distill, tdkd  # noqa: E402
 
-ARMS = {"dense": ["--no-mpo", "--tensor-lambda", "0"],
-        "mpo": ["--mpo", "--tensor-lambda", "0"],
-        "opdf": ["--mpo", "--tensor-lambda", "100"]}
 ARM_NAMES = {"dense": "dense", "mpo": "MPO, lambda=0", "opdf": "OPDF (MPO + constraint)"}
-# Learning-rate settings tried per arm: dense students a higher rate (does a tuned dense student match
-# the MPO students' early speed-up?), MPO students a lower rate on the cores (docs/results.md: 5x lower
-# matched KD on SST-2).
-GRID = {"dense": {"lr1e-4": ["--lr", "1e-4"], "lr2e-4": ["--lr", "2e-4"]},
-        "mpo": {"core1e-4": ["--lr", "1e-4", "--mpo-lr", "1e-4"], "core2e-5": ["--lr", "1e-4", "--mpo-lr", "2e-5"]}}
-GRID["opdf"] = GRID["mpo"]
 TUNE_SEED = 1
 
 
-def sst2_methods(teacher: Path) -> dict[str, tuple[str, list[str], tuple[str, ...]]]:
-    """name -> (description, tdkd distill options, arms) for students of the fine-tuned MiniLM-L6."""
-    layers = "bert.encoder.layer.*.attention.self"
-    cut = ["--student-layers", "first-3"]  # Theseus cuts its successor itself (teacher layers 0, 2, 4)
-    return {
-        "kd": ("logit KD (alpha=1, T=1)", cut, tuple(ARMS)),
-        "feature": ("MiniLM self-attention relations (weight 1) + logit KD",
-                    [*cut, "--method", f"minilm:weight=1,student={layers},teacher={layers}"], tuple(ARMS)),
-        "relation": ("correlation congruence on the pooler (weight 10) + logit KD",
-                     [*cut, "--method", "cc:weight=10,student=bert.pooler,teacher=bert.pooler"], tuple(ARMS)),
-        "theseus": ("Theseus module replacement, groups of 2 (base 0.3, rate 0.008), CE only",
-                    ["--alpha", "0", "--method", "theseus:group=2,base=0.3,rate=0.008"],
-                    tuple(ARMS)),
-        "dml": ("DML, 2 peers (best peer on the held-out slice), no teacher",
-                ["--teacher", "none", "--student", str(teacher), *cut, "--method", "dml:peers=2,temperature=1"],
-                ("dense", "mpo")),
-    }
-
-
 class Suite:
-    """Data, teacher and methods of one suite (SST-2, students cut from the fine-tuned teacher)."""
+    """One task: its data (with a 'heldout' split cut from the training data), teacher, the options
+    every run shares, the methods, the OPDF lambda and the learning-rate settings tried per arm."""
+
+    name = ""
+    lam = "100"
+    eval_options: list[str] = []
 
     def __init__(self, a):
-        self.name, self.root = a.suite, Path(a.out) / a.suite
-        self.glue = Path(a.glue)
-        self.teacher = Path(a.out) / "teacher" / "sst2" / "teacher"
+        self.root, self.teachers, self.glue = Path(a.out) / self.name, Path(a.out) / "teacher", Path(a.glue)
         self.data = self.root / "data"
-        self.methods = sst2_methods(self.teacher)
+
+    def arm_options(self, arm: str) -> list[str]:
+        return {"dense": ["--no-mpo", "--tensor-lambda", "0"], "mpo": ["--mpo", "--tensor-lambda", "0"],
+                "opdf": ["--mpo", "--tensor-lambda", self.lam]}[arm]
+
+    def grid(self, arm: str) -> dict[str, list[str]]:
+        """Dense students try a higher rate (does a tuned dense student match the MPO students' early
+        speed-up?), MPO students a lower rate on the cores (docs/results.md: 5x lower matched KD)."""
+        lr, hi, lo = self.lr
+        if arm == "dense":
+            return {f"lr{lr}": ["--lr", lr], f"lr{hi}": ["--lr", hi]}
+        return {f"core{lr}": ["--lr", lr, "--mpo-lr", lr], f"core{lo}": ["--lr", lr, "--mpo-lr", lo]}
+
+
+class SST2Cut(Suite):
+    """SST-2, 3-layer students cut from the fine-tuned MiniLM-L6 (its layers 0-2)."""
+
+    name, lr = "sst2-cut", ("1e-4", "2e-4", "2e-5")
+    eval_options = ["--task", "sst2", "--max-length", "64"]
+
+    def __init__(self, a):
+        super().__init__(a)
+        self.teacher = self.teachers / "sst2" / "teacher"
+        layers, cut = "bert.encoder.layer.*.attention.self", ["--student-layers", "first-3"]
+        # name -> (description, tdkd distill options, arms); Theseus cuts its successor itself (layers 0, 2, 4)
+        self.methods = {
+            "kd": ("logit KD (alpha=1, T=1)", cut, ("dense", "mpo", "opdf")),
+            "feature": ("MiniLM self-attention relations (weight 1) + logit KD",
+                        [*cut, "--method", f"minilm:weight=1,student={layers},teacher={layers}"], ("dense", "mpo", "opdf")),
+            "relation": ("correlation congruence on the pooler (weight 10) + logit KD",
+                         [*cut, "--method", "cc:weight=10,student=bert.pooler,teacher=bert.pooler"], ("dense", "mpo", "opdf")),
+            "theseus": ("Theseus module replacement, groups of 2 (base 0.3, rate 0.008), CE only",
+                        ["--alpha", "0", "--method", "theseus:group=2,base=0.3,rate=0.008"], ("dense", "mpo", "opdf")),
+            "dml": ("DML, 2 peers cut like the others (best peer on the held-out slice), no teacher",
+                    ["--teacher", "none", "--student", str(self.teacher), *cut, "--method", "dml:peers=2,temperature=1"],
+                    ("dense", "mpo")),
+        }
 
     def base(self) -> list[str]:
-        """What every run shares: one epoch over the first 4,000 sentences (125 steps of 32), max length 64,
-        AdamW with 10% warm-up then linear decay, n = 5 cores, evaluation every 25 steps."""
+        """One epoch over the first 4,000 sentences (125 steps of 32), max length 64, AdamW with 10%
+        warm-up then linear decay, n = 5 cores, evaluation on the held-out slice every 25 steps."""
         return ["--teacher", str(self.teacher), "--task", "sst2", "--train-limit", "4000", "--max-length", "64",
                 "--batch-size", "32", "--epochs", "1", "--warmup-ratio", "0.1", "--mpo-n", "5", "--alpha", "1",
                 "--temperature", "1", "--eval-every", "25", "--save-every", "125", "--keep-last", "1"]
@@ -87,18 +98,75 @@ class Suite:
         """The teacher (opdf_experiments) and a data directory whose 'heldout' split is the last
         1,000 sentences of SST-2's training file (training reads the first 4,000)."""
         if not (self.teacher / "config.json").is_file():
-            train_teachers(argparse.Namespace(task="sst2", glue=a.glue, out=str(Path(a.out) / "teacher"),
+            train_teachers(argparse.Namespace(task="sst2", glue=a.glue, out=str(self.teachers),
                                               seeds=[], arms=[], teacher_root=None, extra=[]))
-        heldout = self.data / "heldout.tsv"
-        if heldout.is_file():
+        if (self.data / "heldout.tsv").is_file():
             return
         self.data.mkdir(parents=True, exist_ok=True)
         lines = (self.glue / "SST-2" / "train.tsv").read_text().splitlines(keepends=True)
         (self.data / "train.tsv").write_text("".join(lines))
         (self.data / "dev.tsv").write_text((self.glue / "SST-2" / "dev.tsv").read_text())
-        tmp = heldout.with_suffix(".tmp")
-        tmp.write_text("".join([lines[0], *lines[-1000:]]))
-        tmp.rename(heldout)
+        _write_atomic(self.data / "heldout.tsv", "".join([lines[0], *lines[-1000:]]))
+
+
+class DigitsCNN(Suite):
+    """Handwritten digits (scikit-learn's 1,797 8x8 scans as images): a ResNet teacher (channels 32..256,
+    2 blocks a stage) trained from scratch, and a 4x narrower ResNet student (1 block a stage) that
+    starts from random weights."""
+
+    name, lr, lam = "digits-cnn", ("2e-3", "4e-3", "5e-4"), "1e-3"
+
+    def __init__(self, a):
+        super().__init__(a)
+        self.teacher = self.teachers / "digits" / "teacher"
+        student = ["--student", "resnet-digits-small", "--init", "random"]
+        self.methods = {
+            "kd": ("logit KD (alpha=0.5, T=4)", student, ("dense", "mpo", "opdf")),
+            "feature": ("attention transfer on the 4 stages (weight 1000) + logit KD",
+                        [*student, "--method", "at:weight=1000,student=layer*,teacher=layer*"], ("dense", "mpo", "opdf")),
+            "relation": ("relational KD on the pooled features (weight 1) + logit KD",
+                         [*student, "--method", "rkd:weight=1,student=global_pool,teacher=global_pool"],
+                         ("dense", "mpo", "opdf")),
+            "dml": ("DML, 2 peers (best peer on the held-out slice), no teacher",
+                    ["--teacher", "none", *student, "--method", "dml:peers=2,temperature=1"], ("dense", "mpo")),
+        }
+
+    def base(self) -> list[str]:
+        """10 epochs at batch 64 (about 180 steps), AdamW (weight decay 0.05) with 10% warm-up then
+        linear decay, n = 5 cores, evaluation on the held-out images every 30 steps."""
+        return ["--teacher", str(self.teacher), "--batch-size", "64", "--epochs", "10", "--warmup-ratio", "0.1",
+                "--weight-decay", "0.05", "--mpo-n", "5", "--alpha", "0.5", "--temperature", "4", "--eval-every", "30",
+                "--save-every", "1000", "--keep-last", "1"]
+
+    def prepare(self, a) -> None:
+        """The teacher (recipe digits-cnn-teacher) and an image folder whose 'heldout' split is every
+        fifth training image of each class (links; training reads the other four fifths)."""
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        from tdkd_cli.data import digits_folder
+
+        if not (self.data / "heldout").is_dir():
+            source = digits_folder(self.root / "source")
+            tmp = self.data.with_name("data.tmp")
+            for split in ("train", "dev"):
+                for cls in sorted(p for p in (source / split).iterdir() if p.is_dir()):
+                    for i, img in enumerate(sorted(cls.iterdir())):
+                        into = "heldout" if split == "train" and i % 5 == 0 else split
+                        (tmp / into / cls.name).mkdir(parents=True, exist_ok=True)
+                        (tmp / into / cls.name / img.name).symlink_to(img.resolve())
+            tmp.rename(self.data)
+        run = self.teachers / "digits" / "teacher-run"
+        distill(run, "--recipe", "digits-cnn-teacher", "--data", str(self.data), "--dev-split", "heldout")
+        if not (self.teacher / "config.json").is_file():
+            tdkd("merge", str(run / "best"), "-o", str(self.teacher), "--force", "--json", capture=True)
+
+
+SUITES = {s.name: s for s in (SST2Cut, DigitsCNN)}
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    tmp.rename(path)
 
 
 def run_name(method: str, arm: str, setting: str, seed: int) -> str:
@@ -112,7 +180,7 @@ def train(s: Suite, method: str, arm: str, setting: str, seed: int) -> dict:
     if method == "dml":  # the peers' MPO form is part of the method's spec
         opts[-1] = opts[-1].replace("dml:", f"dml:mpo={'0+0' if arm == 'dense' else '1+1'},")
     distill(run, *s.base(), "--data", str(s.data), "--dev-split", "heldout", "--seed", str(seed),
-            *opts, *ARMS[arm], *GRID[arm][setting])
+            *opts, *s.arm_options(arm), *s.grid(arm)[setting])
     return json.loads((run / "summary.json").read_text())
 
 
@@ -123,36 +191,34 @@ def score(s: Suite, run: Path) -> dict:
         return json.loads(out.read_text())
     merged = run.parent / f"{run.name}-merged"
     tdkd("merge", str(run / "best"), "-o", str(merged), "--force", "--json", capture=True)
+    metric = json.loads((run / "summary.json").read_text())["best"]["metric"]
     res = {}
     for split in ("dev", "heldout"):
-        ev = json.loads(tdkd("eval", str(merged), "--data", str(s.data), "--task", "sst2", "--split", split,
-                             "--max-length", "64",
+        ev = json.loads(tdkd("eval", str(merged), "--data", str(s.data), *s.eval_options, "--split", split,
                              "--json", capture=True))
-        res[split] = ev["metrics"]["accuracy"]
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(res))
-    tmp.rename(out)
+        res[split] = ev["metrics"][metric]
+    _write_atomic(out, json.dumps(res))
     return res
 
 
 def chosen_setting(s: Suite, method: str, arm: str) -> str | None:
     """The grid setting whose tuning run scored best on the held-out slice (None until all ran)."""
     held = {}
-    for setting in GRID[arm]:
+    for setting in s.grid(arm):
         sm = s.root / run_name(method, arm, setting, TUNE_SEED) / "summary.json"
         if not sm.is_file():
             return None
         held[setting] = json.loads(sm.read_text())["best"]["value"]
-    return max(held, key=lambda k: (held[k], -list(GRID[arm]).index(k)))
+    return max(held, key=lambda k: (held[k], -list(held).index(k)))
 
 
 def cmd_run(a) -> None:
-    s = Suite(a)
+    s = SUITES[a.suite](a)
     s.prepare(a)
     for method in a.methods or list(s.methods):
         arms = s.methods[method][2]
         for arm in arms:
-            for setting in GRID[arm]:
+            for setting in s.grid(arm):
                 train(s, method, arm, setting, TUNE_SEED)
         for arm in arms:
             setting = chosen_setting(s, method, arm)
@@ -184,7 +250,7 @@ def arm_record(s: Suite, method: str, arm: str, seeds: list[int]) -> dict | None
     if setting is None:
         return None
     rec = {"setting": setting, "tuning": {}, "dev": {}, "match": True, "s_step": [], "params": None}
-    for st in GRID[arm]:
+    for st in s.grid(arm):
         sm = json.loads((s.root / run_name(method, arm, st, TUNE_SEED) / "summary.json").read_text())
         rec["tuning"][st] = sm["best"]["value"]
     for seed in seeds:
@@ -200,9 +266,8 @@ def arm_record(s: Suite, method: str, arm: str, seeds: list[int]) -> dict | None
 
 
 def cmd_table(a) -> None:
-    s = Suite(a)
-    lines = [f"Teacher: {s.teacher}; runs under {s.root}. Held-out slice: the last 1,000 sentences of the "
-             f"training file; tuning seed {TUNE_SEED}; dev = GLUE SST-2 dev (872).\n"]
+    s = SUITES[a.suite](a)
+    lines = [f"{type(s).__doc__}\nRuns under {s.root}; tuning seed {TUNE_SEED}; OPDF lambda {s.lam}.\n"]
     verdicts = []
     for method, (desc, _, arms) in s.methods.items():
         recs = {arm: arm_record(s, method, arm, a.seeds) for arm in arms}
@@ -235,7 +300,7 @@ def cmd_table(a) -> None:
 
 def cmd_figures(a) -> None:
     """`tdkd report` of each method's chosen runs (every arm, seeds as mean and band)."""
-    s = Suite(a)
+    s = SUITES[a.suite](a)
     for method, (_, _, arms) in s.methods.items():
         runs = []
         for arm in arms:
@@ -252,7 +317,7 @@ def main() -> None:
     sub = ap.add_subparsers(dest="cmd", required=True)
     for name in ("run", "table", "figures"):
         p = sub.add_parser(name)
-        p.add_argument("--suite", default="sst2-cut", choices=["sst2-cut"])
+        p.add_argument("--suite", default="sst2-cut", choices=list(SUITES))
         p.add_argument("--out", default="runs/grid")
         p.add_argument("--glue", default="../shared/data/glue")
         p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])

@@ -42,7 +42,7 @@ class Method:
     # response methods: (student Outputs, teacher Outputs, batch, options) -> scalar
     # feature methods: (student features, teacher features, batch, options, connector) -> scalar, per pair
     compute: Callable
-    families: str = "text, ViT, CNN (dense student)"  # an MPO CNN student: once convolutions can be over-parameterized
+    families: str = "text, ViT, CNN"  # model families it works on (dense or MPO students alike)
     features: bool = False  # reads module outputs named by student= / teacher=
     check: Callable[[Shape, Shape], str | None] | None = None  # why a pair of feature shapes cannot be compared
     connector: Callable[[Shape, Shape], nn.Module | None] | None = None  # built when the shapes need one
@@ -408,11 +408,11 @@ def _feature_term(spec: Spec, pairs, conns, heads) -> loss_terms.Term:
 
 # the loss terms recipes switch on with their own keys (loss_terms.TERMS), for `tdkd methods`
 BUILTIN = (
-    ("kd", "response", "Hinton et al., 2015 (logit KD)", "alpha, temperature", "text, ViT"),
-    ("ce", "-", "cross-entropy on the labels (weight 1 - alpha)", "alpha", "text, ViT"),
+    ("kd", "response", "Hinton et al., 2015 (logit KD)", "alpha, temperature", "text, ViT, CNN"),
+    ("ce", "-", "cross-entropy on the labels (weight 1 - alpha)", "alpha", "text, ViT, CNN"),
     ("hidden", "feature", "TinyBERT hidden-state MSE, Jiao et al., 2020", "hidden_weight, layer_map", "text"),
     ("attention", "feature", "TinyBERT attention-map MSE, Jiao et al., 2020", "attention_weight, layer_map", "text"),
-    ("tensor", "OPDF", "tensor constraint, Zhan et al., NeurIPS 2024", "tensor_lambda, layer_map", "text, ViT"),
+    ("tensor", "OPDF", "tensor constraint, Zhan et al., NeurIPS 2024", "tensor_lambda, layer_map", "text, ViT, CNN"),
 )
 
 
