@@ -39,6 +39,17 @@ class RunData:
     def metric(self) -> str | None:
         return next(iter(self.evals[-1]["eval"]), None) if self.evals else None
 
+    @property
+    def split(self) -> str:
+        """The split the run evaluated on (recipe dev_split: 'dev', or e.g. a held-out slice)."""
+        return str(self.recipe.get("dev_split") or "dev")
+
+
+def split_name(runs: list[RunData]) -> str:
+    """The evaluation split the runs share, for labels ('eval' when they differ)."""
+    names = {r.split for r in runs}
+    return names.pop() if len(names) == 1 else "eval"
+
 
 def read_run(path: Path, label: str) -> RunData:
     """One run directory's records; a directory that is not a run is a UsageError."""
@@ -131,7 +142,8 @@ def write(paths: list[Path], out: Path, force: bool = False) -> dict:
 
 
 def markdown(runs: list[RunData], figures: list[str]) -> str:
-    lines = ["# tdkd report", "", "| run | description | steps | best dev | final dev |", "|---|---|---|---|---|"]
+    split = split_name(runs)
+    lines = ["# tdkd report", "", f"| run | description | steps | best {split} | final {split} |", "|---|---|---|---|---|"]
     for r in runs:
         metric = r.metric
         values = [e["eval"].get(metric) for e in r.evals] if metric else []
@@ -141,7 +153,7 @@ def markdown(runs: list[RunData], figures: list[str]) -> str:
         desc = str(r.recipe.get("description") or "").replace("|", "/")
         lines.append(f"| {r.label} | {desc} | {steps} | {best} | {final} |")
     captions = {"losses.png": "Loss terms and learning rate by step.",
-                "dev.png": "Dev metric by step (runs differing only by seed: mean, min..max band).",
+                "dev.png": f"Metric on the {split} split by step (runs differing only by seed: mean, min..max band).",
                 "spectra.png": "Singular values at the MPO bonds, at initialisation and after training."}
     lines.append("")
     for f in figures:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 
-from .report import SKIP_KEYS, RunData
+from .report import SKIP_KEYS, RunData, split_name
 
 
 def _terms(runs: list[RunData]) -> list[str]:
@@ -65,7 +65,8 @@ def dev(runs: list[RunData], groups: list[list[RunData]], path: Path) -> Path:
         line, = ax.plot(steps, mean, marker="o", markersize=3,
                         label=f"{name} + {len(series) - 1} seeds: mean, min..max")
         ax.fill_between(steps, [min(v) for v in table], [max(v) for v in table], color=line.get_color(), alpha=0.2)
-    label = f"dev {next(iter(metrics))}" if len(metrics) == 1 else "dev metric (each run's own, see legend)"
+    split = split_name(runs)
+    label = f"{split} {next(iter(metrics))}" if len(metrics) == 1 else f"{split} metric (each run's own, see legend)"
     ax.set_xlabel("optimizer step")
     ax.set_ylabel(label)
     ax.set_title(f"{label} by step")

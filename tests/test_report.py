@@ -39,6 +39,7 @@ def test_report_writes_valid_figures_naming_every_run(runs, capsys):
             im.verify()
             assert im.format == "PNG" and im.size[0] > 400 and im.size[1] > 200
     md = (d / "rep" / "report.md").read_text()
+    assert "| best dev | final dev |" in md  # the split the runs evaluated on
     for label in summary["runs"]:
         assert f"| {label} |" in md
     for name in summary["figures"]:
@@ -60,6 +61,17 @@ def test_report_groups_seeds_and_reads_the_trained_spectra(runs):
     assert trained.keys() == data[1].spectra_init.keys()
     name = next(iter(trained))
     assert len(trained[name]) == 4 and trained[name][0] != data[1].spectra_init[name][0]  # training moved them
+
+
+def test_report_names_the_split_the_runs_evaluated_on(runs):
+    from tdkd_cli import report
+
+    d, dirs = runs
+    data = [report.read_run(p, p.name) for p in dirs]
+    assert report.split_name(data) == "dev"
+    data[1].recipe["dev_split"] = data[2].recipe["dev_split"] = "heldout"
+    assert report.split_name(data[1:]) == "heldout" and report.split_name(data) == "eval"
+    assert "| best heldout | final heldout |" in report.markdown(data[1:], ["dev.png"])
 
 
 def test_report_bad_input(runs, tmp_path, capsys):
