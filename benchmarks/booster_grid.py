@@ -158,6 +158,9 @@ class DigitsCNN(Suite):
         distill(run, "--recipe", "digits-cnn-teacher", "--data", str(self.data), "--dev-split", "heldout")
         if not (self.teacher / "config.json").is_file():
             tdkd("merge", str(run / "best"), "-o", str(self.teacher), "--force", "--json", capture=True)
+        if not (run / "eval-merged.json").is_file():
+            _write_atomic(run / "eval-merged.json", tdkd("eval", str(self.teacher), "--data", str(self.data), "--json",
+                                                         capture=True))
 
 
 SUITES = {s.name: s for s in (SST2Cut, DigitsCNN)}
@@ -276,6 +279,10 @@ def arm_record(s: Suite, method: str, arm: str, seeds: list[int]) -> dict | None
 def cmd_table(a) -> None:
     s = SUITES[a.suite](a)
     lines = [f"{type(s).__doc__}\nRuns under {s.root}; tuning seed {TUNE_SEED}; OPDF lambda {s.lam}.\n"]
+    t_eval = s.teacher.parent / "teacher-run" / "eval-merged.json"
+    if t_eval.is_file():
+        t = json.loads(t_eval.read_text())
+        lines.append(f"Teacher: {100 * next(iter(t['metrics'].values())):.2f} on {t['examples']} dev examples.\n")
     verdicts = []
     for method, (desc, _, arms) in s.methods.items():
         recs = {arm: arm_record(s, method, arm, a.seeds) for arm in arms}
