@@ -177,6 +177,7 @@ def distill(run: Path, *options: str) -> None:
     if finished(run) and (run / "summary.json").is_file():
         return
     mode = ["--resume"] if (run / "run.json").is_file() else []
+    run.parent.mkdir(parents=True, exist_ok=True)
     _write_atomic(run / "summary.json", tdkd("distill", *options, "-o", str(run), "--json", *mode, capture=True))
 
 
