@@ -316,8 +316,12 @@ def cmd_table(a) -> None:
 
 
 def cmd_figures(a) -> None:
-    """`tdkd report` of each method's chosen runs (every arm, seeds as mean and band)."""
+    """`tdkd report` of each method's chosen runs (every arm, seeds as mean and band) under
+    --out/reports/SUITE/METHOD; its held-out-by-step figure is copied to -o as METHOD.png."""
+    import shutil
+
     s = SUITES[a.suite](a)
+    Path(a.output).mkdir(parents=True, exist_ok=True)
     for method, (_, _, arms) in s.methods.items():
         runs = []
         for arm in arms:
@@ -326,7 +330,10 @@ def cmd_figures(a) -> None:
                 runs += [s.root / run_name(method, arm, setting, k) for k in a.seeds
                          if (s.root / run_name(method, arm, setting, k) / "scores.json").is_file()]
         if runs:
-            tdkd("report", *map(str, runs), "-o", str(Path(a.output) / method), "--force", "--json", capture=True)
+            report = Path(a.out) / "reports" / s.name / method
+            report.parent.mkdir(parents=True, exist_ok=True)
+            tdkd("report", *map(str, runs), "-o", str(report), "--force", "--json", capture=True)
+            shutil.copyfile(report / "dev.png", Path(a.output) / f"{method}.png")
 
 
 def main() -> None:
