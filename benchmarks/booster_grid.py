@@ -291,7 +291,7 @@ def cmd_table(a) -> None:
             continue
         lines += [f"\n#### {method}: {desc}\n",
                   "| arm | settings tried: held-out acc. (seed 1) | chosen | seeds | dev acc. (mean ± sd) | per seed | "
-                  "- dense, paired, 95% CI (points) | = merged `tdkd eval` | s/step (median) | params training / inference |",
+                  "arm - dense, paired per seed: mean [95% CI] (points) | = merged `tdkd eval` | s/step (median) | params training / inference |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
         dense = recs.get("dense")
         for arm, rec in recs.items():
