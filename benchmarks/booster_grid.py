@@ -32,7 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from opdf_experiments import cmd_run as train_teachers  # noqa: E402
-from opdf_experiments import finished, tdkd  # noqa: E402
+from opdf_experiments import distill, tdkd  # noqa: E402
 
 ARM_NAMES = {"dense": "dense", "mpo": "MPO, lambda=0", "opdf": "OPDF (MPO + constraint)"}
 TUNE_SEED = 1
@@ -172,20 +172,11 @@ def _write_atomic(path: Path, text: str) -> None:
     tmp.rename(path)
 
 
-def distill(run: Path, *options: str) -> None:
-    """`tdkd distill OPTIONS -o RUN`, resumed if it ran before, skipped if it finished."""
-    if finished(run) and (run / "summary.json").is_file():
-        return
-    mode = ["--resume"] if (run / "run.json").is_file() else []
-    run.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(run / "summary.json", tdkd("distill", *options, "-o", str(run), "--json", *mode, capture=True))
-
-
 def run_name(method: str, arm: str, setting: str, seed: int) -> str:
     return f"{method}-{arm}-{setting}-s{seed}"
 
 
-def train(s: Suite, method: str, arm: str, setting: str, seed: int) -> dict:
+def train(s: Suite, method: str, arm: str, setting: str, seed: int) -> None:
     _, options, _ = s.methods[method]
     run = s.root / run_name(method, arm, setting, seed)
     opts = list(options)
@@ -193,7 +184,6 @@ def train(s: Suite, method: str, arm: str, setting: str, seed: int) -> dict:
         opts[-1] = opts[-1].replace("dml:", f"dml:mpo={'0+0' if arm == 'dense' else '1+1'},")
     distill(run, *s.base(), "--data", str(s.data), "--dev-split", "heldout", "--seed", str(seed),
             *opts, *s.arm_options(arm), *s.grid(arm)[setting])
-    return json.loads((run / "summary.json").read_text())
 
 
 def score(s: Suite, run: Path) -> dict:
@@ -213,15 +203,25 @@ def score(s: Suite, run: Path) -> dict:
     return res
 
 
-def chosen_setting(s: Suite, method: str, arm: str) -> str | None:
-    """The grid setting whose tuning run scored best on the held-out slice (None until all ran)."""
+def tuning_scores(s: Suite, method: str, arm: str) -> dict[str, float] | None:
+    """Held-out score of each grid setting's tuning run (None until all ran)."""
     held = {}
     for setting in s.grid(arm):
         sm = s.root / run_name(method, arm, setting, TUNE_SEED) / "summary.json"
         if not sm.is_file():
             return None
         held[setting] = json.loads(sm.read_text())["best"]["value"]
+    return held
+
+
+def _best(held: dict[str, float]) -> str:
+    """The setting with the best held-out score (ties: the first listed)."""
     return max(held, key=lambda k: (held[k], -list(held).index(k)))
+
+
+def chosen_setting(s: Suite, method: str, arm: str) -> str | None:
+    held = tuning_scores(s, method, arm)
+    return _best(held) if held else None
 
 
 def cmd_run(a) -> None:
@@ -242,7 +242,7 @@ def cmd_run(a) -> None:
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
-def _ci(diffs: list[float]) -> str:
+def _ci(diffs: list[float]) -> tuple[str, str]:
     """Mean of paired differences (points) with its 95% t interval and the verdict it supports."""
     if len(diffs) < 2:
         return f"{100 * diffs[0]:+.2f} (1 seed)" if diffs else "-", "-"
@@ -258,13 +258,11 @@ def _ms(xs: list[float]) -> str:
 
 
 def arm_record(s: Suite, method: str, arm: str, seeds: list[int]) -> dict | None:
-    setting = chosen_setting(s, method, arm)
-    if setting is None:
+    held = tuning_scores(s, method, arm)
+    if held is None:
         return None
-    rec = {"setting": setting, "tuning": {}, "dev": {}, "match": True, "s_step": [], "params": None}
-    for st in s.grid(arm):
-        sm = json.loads((s.root / run_name(method, arm, st, TUNE_SEED) / "summary.json").read_text())
-        rec["tuning"][st] = sm["best"]["value"]
+    setting = _best(held)
+    rec = {"setting": setting, "tuning": held, "dev": {}, "match": True, "s_step": [], "params": None}
     for seed in seeds:
         run = s.root / run_name(method, arm, setting, seed)
         if not (run / "scores.json").is_file():

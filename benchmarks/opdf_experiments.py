@@ -56,12 +56,17 @@ def finished(run: Path) -> bool:
         return False
 
 
-def distill(run: Path, recipe: str, *extra: str) -> None:
+def distill(run: Path, *options: str) -> None:
+    """`tdkd distill OPTIONS -o RUN --json`, resumed if it ran before, skipped if it finished; its
+    JSON summary kept as RUN/summary.json."""
     if finished(run) and (run / "summary.json").is_file():
         return
     mode = ["--resume"] if (run / "run.json").is_file() else []
-    out = tdkd("distill", "--recipe", recipe, "-o", str(run), "--json", *mode, *extra, capture=True)
-    (run / "summary.json").write_text(out)
+    run.parent.mkdir(parents=True, exist_ok=True)
+    out = tdkd("distill", *options, "-o", str(run), "--json", *mode, capture=True)
+    tmp = run / "summary.tmp"
+    tmp.write_text(out)
+    tmp.rename(run / "summary.json")
 
 
 def merge_and_eval(run: Path, data: Path, task: str) -> dict:
@@ -81,7 +86,7 @@ def cmd_run(a) -> None:
     root.mkdir(parents=True, exist_ok=True)
     troot = Path(a.teacher_root or a.out) / task
     teacher_run, teacher = troot / "teacher-run", troot / "teacher"
-    distill(teacher_run, f"{task}-teacher", "--data", str(data))
+    distill(teacher_run, "--recipe", f"{task}-teacher", "--data", str(data))
     if not (teacher / "config.json").is_file():
         tdkd("merge", str(teacher_run / "best"), "-o", str(teacher), "--force", "--json", capture=True)
     if not (teacher_run / "eval-merged.json").is_file():
@@ -91,7 +96,7 @@ def cmd_run(a) -> None:
         for arm in a.arms:
             run = root / f"{arm}-s{seed}"
             models = ["--teacher", "none", "--student", str(teacher)] if arm == "a" else ["--teacher", str(teacher)]
-            distill(run, f"{task}-{ARMS[arm]}", "--data", str(data), "--seed", str(seed), *models, *a.extra)
+            distill(run, "--recipe", f"{task}-{ARMS[arm]}", "--data", str(data), "--seed", str(seed), *models, *a.extra)
             merge_and_eval(run, data, task)
 
 
