@@ -5,7 +5,7 @@
     python benchmarks/booster_grid.py table --suite sst2-cut          # markdown tables
     python benchmarks/booster_grid.py figures --suite sst2-cut -o docs/figures/sst2-cut   # tdkd report
 
-For every method (logit KD, a feature-, a relation-based one, DML, Theseus) and arm (dense; MPO with
+For every method (logit KD, a feature-, a relation-based one, DML, Theseus; ONE on digits) and arm (dense; MPO with
 lambda = 0; OPDF: MPO + tensor constraint) of a suite:
 1. tuning: each learning-rate setting of the arm (Suite.grid; for MPO arms the cores' learning rate) is
    trained with the tuning seed and scored on a slice held out from the training file (never the dev
@@ -152,6 +152,9 @@ class DigitsCNN(Suite):
                          ("dense", "mpo", "opdf")),
             "dml": ("DML, 2 peers (best peer on the held-out slice), no teacher",
                     ["--teacher", "none", *student, "--method", "dml:peers=2,temperature=1"], ("dense", "mpo")),
+            "one": ("ONE, 3 branches of the last stage and head (best branch on the held-out slice), no teacher",
+                    ["--teacher", "none", *student, "--method", "one:branches=3,layers=1,temperature=3"],
+                    ("dense", "mpo")),
         }
 
     def base(self) -> list[str]:
