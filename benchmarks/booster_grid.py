@@ -330,7 +330,7 @@ def cmd_table(a) -> None:
                 paired = [rec["dev"][k] - dense["dev"][k] for k in seeds if k in dense["dev"]]
                 ci, verdict = _ci(paired)
                 if paired:
-                        verdicts.append(f"- {method}, {ARM_NAMES[arm]} - dense: {ci} points over {len(paired)} seeds: {verdict}")
+                    verdicts.append(f"- {method}, {ARM_NAMES[arm]} - dense: {ci} points over {len(paired)} seeds: {verdict}")
             params = f"{rec['params'][0]:,} / {rec['params'][1]:,}" if rec["params"] else "-"
             lines.append(f"| {ARM_NAMES[arm]} | {tried} | {rec['setting']} | {','.join(map(str, seeds))} | {_ms(devs)} | "
                          f"{', '.join(f'{100 * x:.2f}' for x in devs)} | {ci} | {'yes' if rec['match'] else 'NO'} | "
