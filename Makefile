@@ -91,10 +91,11 @@ grid-sst2: install
 	$(BIN)/python benchmarks/booster_grid.py run --suite sst2-cut --glue $(GLUE) --out $(GRID) --seeds $(SEEDS)
 grid-sst2-narrow: install
 	$(BIN)/python benchmarks/booster_grid.py run --suite sst2-narrow --glue $(GLUE) --out $(GRID) --seeds $(SEEDS)
+	$(BIN)/python benchmarks/booster_grid.py run --suite sst2-narrow-long --glue $(GLUE) --out $(GRID) --seeds $(SEEDS)
 grid-digits: install
 	$(BIN)/python benchmarks/booster_grid.py run --suite digits-cnn --out $(GRID) --seeds $(SEEDS)
 grid-results: install
-	for s in sst2-cut sst2-narrow digits-cnn; do \
+	for s in sst2-cut sst2-narrow sst2-narrow-long digits-cnn; do \
 	  $(BIN)/python benchmarks/booster_grid.py table --suite $$s --out $(GRID) --seeds $(SEEDS) && \
 	  $(BIN)/python benchmarks/booster_grid.py figures --suite $$s --out $(GRID) --seeds $(SEEDS) -o docs/figures/$$s || exit 1; \
 	done

@@ -132,6 +132,25 @@ class SST2Narrow(SST2Cut):
         }
 
 
+class SST2NarrowLong(SST2Narrow):
+    """The narrow SST-2 student of sst2-narrow with logit KD only, trained twice as long (two epochs over the
+    same 4,000 sentences, 250 steps): does the MPO form still lag once the random-init students have time
+    to leave the majority class?"""
+
+    name = "sst2-narrow-long"
+
+    def __init__(self, a):
+        super().__init__(a)
+        self.methods = {"kd": self.methods["kd"]}
+
+    def base(self) -> list[str]:
+        """sst2-narrow's options with 2 epochs (250 steps)."""
+        opts = super().base()
+        for flag, value in (("--epochs", "2"), ("--save-every", "250")):
+            opts[opts.index(flag) + 1] = value
+        return opts
+
+
 class DigitsCNN(Suite):
     """Handwritten digits (scikit-learn's 1,797 8x8 scans as images): a ResNet teacher (channels 32..256,
     2 blocks a stage) trained from scratch, and a 4x narrower ResNet student (1 block a stage) that
@@ -189,7 +208,7 @@ class DigitsCNN(Suite):
                                                          capture=True))
 
 
-SUITES = {s.name: s for s in (SST2Cut, SST2Narrow, DigitsCNN)}
+SUITES = {s.name: s for s in (SST2Cut, SST2Narrow, SST2NarrowLong, DigitsCNN)}
 
 
 def _write_atomic(path: Path, text: str) -> None:
