@@ -5,8 +5,9 @@
     python benchmarks/booster_grid.py table --suite sst2-cut          # markdown tables
     python benchmarks/booster_grid.py figures --suite sst2-cut -o docs/figures/sst2-cut   # tdkd report
 
-For every method (logit KD, a feature-, a relation-based one, DML, Theseus; ONE on digits) and arm (dense; MPO with
-lambda = 0; OPDF: MPO + tensor constraint) of a suite:
+For every method (logit KD, a feature-, a relation-based one, DML, Theseus; ONE on digits) and arm
+(dense; MPO with lambda = 0; OPDF: MPO + tensor constraint) of a suite (sst2-cut, sst2-narrow,
+sst2-narrow-long, digits-cnn; see the Suite classes):
 1. tuning: each learning-rate setting of the arm (Suite.grid; for MPO arms the cores' learning rate) is
    trained with the tuning seed and scored on a slice held out from the training file (never the dev
    set): the run's best checkpoint on that slice;
