@@ -34,6 +34,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from opdf_experiments import cmd_run as train_teachers  # noqa: E402
 from opdf_experiments import distill, tdkd  # noqa: E402
+from tdkd_cli.checkpoint import atomic_write_text  # noqa: E402  (on the path via opdf_experiments)
 
 ARM_NAMES = {"dense": "dense", "mpo": "MPO, lambda=0", "opdf": "OPDF (MPO + constraint)"}
 TUNE_SEED = 1
@@ -107,7 +108,7 @@ class SST2Cut(Suite):
         lines = (self.glue / "SST-2" / "train.tsv").read_text().splitlines(keepends=True)
         (self.data / "train.tsv").write_text("".join(lines))
         (self.data / "dev.tsv").write_text((self.glue / "SST-2" / "dev.tsv").read_text())
-        _write_atomic(self.data / "heldout.tsv", "".join([lines[0], *lines[-1000:]]))
+        atomic_write_text(self.data / "heldout.tsv", "".join([lines[0], *lines[-1000:]]))
 
 
 class SST2Narrow(SST2Cut):
@@ -187,7 +188,6 @@ class DigitsCNN(Suite):
     def prepare(self, a) -> None:
         """The teacher (recipe digits-cnn-teacher) and an image folder whose 'heldout' split is every
         fifth training image of each class (links; training reads the other four fifths)."""
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
         from tdkd_cli.data import digits_folder
 
         if not (self.data / "heldout").is_dir():
@@ -205,17 +205,11 @@ class DigitsCNN(Suite):
         if not (self.teacher / "config.json").is_file():
             tdkd("merge", str(run / "best"), "-o", str(self.teacher), "--force", "--json", capture=True)
         if not (run / "eval-merged.json").is_file():
-            _write_atomic(run / "eval-merged.json", tdkd("eval", str(self.teacher), "--data", str(self.data), "--json",
-                                                         capture=True))
+            out = tdkd("eval", str(self.teacher), "--data", str(self.data), "--json", capture=True)
+            atomic_write_text(run / "eval-merged.json", out)
 
 
 SUITES = {s.name: s for s in (SST2Cut, SST2Narrow, SST2NarrowLong, DigitsCNN)}
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(text)
-    tmp.rename(path)
 
 
 def run_name(method: str, arm: str, setting: str, seed: int) -> str:
@@ -245,7 +239,7 @@ def score(s: Suite, run: Path) -> dict:
         ev = json.loads(tdkd("eval", str(merged), "--data", str(s.data), *s.eval_options, "--split", split,
                              "--json", capture=True))
         res[split] = ev["metrics"][metric]
-    _write_atomic(out, json.dumps(res))
+    atomic_write_text(out, json.dumps(res))
     return res
 
 

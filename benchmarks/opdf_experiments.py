@@ -24,6 +24,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tdkd_cli.checkpoint import atomic_write_text  # noqa: E402
+
 ARMS = {"a": "a-finetune", "b": "b-kd", "c": "c-kd-mpo", "d": "d-opdf"}
 ARM_NAMES = {"a": "(a) fine-tune, no teacher", "b": "(b) logit KD", "c": "(c) KD + MPO, lambda=0",
              "d": "(d) OPDF: KD + MPO + constraint"}
@@ -63,10 +66,7 @@ def distill(run: Path, *options: str) -> None:
         return
     mode = ["--resume"] if (run / "run.json").is_file() else []
     run.parent.mkdir(parents=True, exist_ok=True)
-    out = tdkd("distill", *options, "-o", str(run), "--json", *mode, capture=True)
-    tmp = run / "summary.tmp"
-    tmp.write_text(out)
-    tmp.rename(run / "summary.json")
+    atomic_write_text(run / "summary.json", tdkd("distill", *options, "-o", str(run), "--json", *mode, capture=True))
 
 
 def merge_and_eval(run: Path, data: Path, task: str) -> dict:
@@ -76,7 +76,7 @@ def merge_and_eval(run: Path, data: Path, task: str) -> dict:
         return json.loads(result.read_text())
     tdkd("merge", str(run / "best"), "-o", str(merged), "--force", "--json", capture=True)
     out = tdkd("eval", str(merged), "--data", str(data), "--task", task, "--json", capture=True)
-    result.write_text(out)
+    atomic_write_text(result, out)
     return json.loads(out)
 
 
@@ -91,7 +91,7 @@ def cmd_run(a) -> None:
         tdkd("merge", str(teacher_run / "best"), "-o", str(teacher), "--force", "--json", capture=True)
     if not (teacher_run / "eval-merged.json").is_file():
         out = tdkd("eval", str(teacher), "--data", str(data), "--task", task, "--json", capture=True)
-        (teacher_run / "eval-merged.json").write_text(out)
+        atomic_write_text(teacher_run / "eval-merged.json", out)
     for seed in a.seeds:
         for arm in a.arms:
             run = root / f"{arm}-s{seed}"
