@@ -1,7 +1,7 @@
 """Over-parameterized CNNs, side by side in one run (round-robin, so machine noise hits every variant alike):
 
 1. inference: a merged CNN (decomposed into MPOs with tdkd's default CNN targets, then contracted
-   back) against the same dense CNN, timed by `tdkd bench`'s own loop (tdkd_cli.bench.run);
+   back) against the same dense CNN, timed by `tdkd bench`'s own loop (tdkd_cli.tools.bench.run);
    the merged model is the plain architecture, so the ratio should be 1.00 +/- noise;
 2. training: time per optimizer step of the MPO student against the same dense student (forward +
    backward + AdamW, the cores contracted once per step as `tdkd distill` does).
@@ -25,7 +25,8 @@ import tdkd_cli  # noqa: E402,F401  (installs the torchvision shim before timm i
 
 
 def build(spec: str, size: int, mpo_n: int | None):
-    from tdkd_cli import models, tensorize
+    from tdkd_cli.io import models
+    from tdkd_cli.tensor import tensorize
 
     loaded = models.load_model(spec, init="random", num_labels=10, seed=0)
     model = loaded.model
@@ -39,7 +40,7 @@ def build(spec: str, size: int, mpo_n: int | None):
 def train_step(model, opt, x, y) -> float:
     import torch.nn.functional as F
 
-    from tdkd_cli import tensorize
+    from tdkd_cli.tensor import tensorize
 
     t0 = time.perf_counter()
     with tensorize.RebuiltWeights(model) as rebuilt:
@@ -53,8 +54,9 @@ def train_step(model, opt, x, y) -> float:
 def main() -> None:
     import torch
 
-    from tdkd_cli import bench, tensorize
-    from tdkd_cli.optim import make_optimizer
+    from tdkd_cli.tools import bench
+    from tdkd_cli.tensor import tensorize
+    from tdkd_cli.engine.optim import make_optimizer
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="resnet18", help="timm model name or a tdkd preset")

@@ -27,8 +27,8 @@ def build(width: int, layers: int, mpo_n: int | None, seed: int = 0):
     import torch
     from transformers import BertConfig, BertForSequenceClassification
 
-    from tdkd_cli import tensorize
-    from tdkd_cli.optim import make_optimizer
+    from tdkd_cli.tensor import tensorize
+    from tdkd_cli.engine.optim import make_optimizer
 
     torch.manual_seed(seed)
     cfg = BertConfig(vocab_size=30522, hidden_size=width, num_hidden_layers=layers, num_attention_heads=12,
@@ -42,7 +42,8 @@ def build(width: int, layers: int, mpo_n: int | None, seed: int = 0):
 
 
 def step(model, opt, batches, once: bool) -> float:
-    from tdkd_cli import losses, tensorize
+    from tdkd_cli.methods import losses
+    from tdkd_cli.tensor import tensorize
 
     t0 = time.perf_counter()
     rebuilt = tensorize.RebuiltWeights(model) if once else None

@@ -18,7 +18,7 @@ import torch
 import torch.utils.benchmark as tb
 
 import tdkd_cli  # noqa: F401  (torchvision shim)
-from tdkd_cli import mpo, tensorize
+from tdkd_cli.tensor import mpo, tensorize
 
 
 def _rearranged(w: torch.Tensor, plan) -> torch.Tensor:

@@ -72,7 +72,8 @@ def profile(t, steps: int) -> None:
     """Median seconds of the parts of one OPDF step, each timed on its own."""
     import torch
 
-    from tdkd_cli import precision, tensorize
+    from tdkd_cli.engine import precision
+    from tdkd_cli.tensor import tensorize
 
     cores = [c for m in tensorize.mpo_modules(t.model).values() for c in tensorize.layer_cores(m)]
 
@@ -119,8 +120,8 @@ def profile(t, steps: int) -> None:
 
 
 def build(settings: dict, out: Path):
-    from tdkd_cli import recipe as recipe_mod
-    from tdkd_cli import train
+    from tdkd_cli.core import recipe as recipe_mod
+    from tdkd_cli.engine import train
 
     settings = dict(settings)
     name = settings.pop("recipe", None)

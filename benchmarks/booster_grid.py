@@ -34,7 +34,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from opdf_experiments import cmd_run as train_teachers  # noqa: E402
 from opdf_experiments import distill, tdkd  # noqa: E402
-from tdkd_cli.checkpoint import atomic_write_text  # noqa: E402  (on the path via opdf_experiments)
+from tdkd_cli.io.checkpoint import atomic_write_text  # noqa: E402  (on the path via opdf_experiments)
 
 ARM_NAMES = {"dense": "dense", "mpo": "MPO, lambda=0", "opdf": "OPDF (MPO + constraint)"}
 TUNE_SEED = 1
@@ -188,7 +188,7 @@ class DigitsCNN(Suite):
     def prepare(self, a) -> None:
         """The teacher (recipe digits-cnn-teacher) and an image folder whose 'heldout' split is every
         fifth training image of each class (links; training reads the other four fifths)."""
-        from tdkd_cli.data import digits_folder
+        from tdkd_cli.io.data import digits_folder
 
         if not (self.data / "heldout").is_dir():
             source = digits_folder(self.root / "source")

@@ -28,7 +28,7 @@ def main() -> None:
     os.environ["TDKD_CACHE"] = str(d / "cache")
     task = sentiment_task(d)
     teacher = tiny_pair(d)
-    from tdkd_cli import ops
+    from tdkd_cli.tools import ops
 
     ops.decompose_model(str(teacher), d / "mpo", n=3)
     _, other = bert_classifier(d, hidden=32, layers=2, heads=4, ffn=64, vocab=50, name="other")

@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tdkd_cli.checkpoint import atomic_write_text  # noqa: E402
+from tdkd_cli.io.checkpoint import atomic_write_text  # noqa: E402
 
 ARMS = {"a": "a-finetune", "b": "b-kd", "c": "c-kd-mpo", "d": "d-opdf"}
 ARM_NAMES = {"a": "(a) fine-tune, no teacher", "b": "(b) logit KD", "c": "(c) KD + MPO, lambda=0",

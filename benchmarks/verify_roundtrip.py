@@ -10,7 +10,7 @@ import sys
 import torch
 
 import tdkd_cli  # noqa: F401
-from tdkd_cli import models
+from tdkd_cli.io import models
 
 
 def main():

@@ -1,4 +1,4 @@
-from tdkd_cli.cli import main
+from tdkd_cli.cli.app import main
 
 if __name__ == "__main__":
     main()

@@ -91,7 +91,7 @@ def run_cli(args, capsys):
     """Run the tdkd CLI in-process: (exit code, stdout, stderr)."""
     import pytest
 
-    from tdkd_cli.cli import main
+    from tdkd_cli.cli.app import main
 
     with pytest.raises(SystemExit) as exc:
         main(args)

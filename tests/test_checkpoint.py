@@ -5,8 +5,9 @@ import shutil
 
 import pytest
 
-from tdkd_cli import checkpoint, ops
-from tdkd_cli.errors import CheckpointError, TdkdError
+from tdkd_cli.io import checkpoint
+from tdkd_cli.tools import ops
+from tdkd_cli.core.errors import CheckpointError, TdkdError
 
 from .helpers import bert_classifier
 

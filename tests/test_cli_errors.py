@@ -83,7 +83,7 @@ def test_real_process_has_no_traceback_and_debug_shows_one(workdir):
 
 def test_help_is_fast_and_lazy():
     """--help must not import torch, transformers or timm."""
-    code = ("import sys\nfrom tdkd_cli.cli import main\n"
+    code = ("import sys\nfrom tdkd_cli.cli.app import main\n"
             "try:\n    main(['decompose', '--help'])\nexcept SystemExit as e:\n    assert e.code == 0\n"
             "heavy = [m for m in ('torch', 'transformers', 'timm') if m in sys.modules]\n"
             "assert not heavy, heavy\n")
@@ -104,7 +104,7 @@ def test_help_shows_every_option_text_whole(command, capsys, monkeypatch):
 
     import typer.main
 
-    from tdkd_cli.cli import app
+    from tdkd_cli.cli.app import app
 
     monkeypatch.setenv("COLUMNS", "100")
     rc, out, _ = run_cli([command, "--help"], capsys)

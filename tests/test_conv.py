@@ -8,8 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from tdkd_cli import layers, models, mpo, pair, tensorize
-from tdkd_cli.errors import UsageError
+from tdkd_cli.io import layers, models, pair
+from tdkd_cli.tensor import constraint, mpo, tensorize
+from tdkd_cli.core.errors import UsageError
+from tdkd_cli.core.reporting import Reporter
 
 from .helpers import digits_folder, run_cli
 
@@ -125,8 +127,8 @@ def test_cnn_blocks_pair_by_stage_and_cores_align():
                                              stem_width=16), "timm", {})
     wide = models.Loaded(timm.create_model("resnet18", num_classes=10, channels=[32, 64, 128, 256], stem_width=32), "timm", {})
     recipe = type("R", (), dict(targets=None, shapes=None, n=5))()
-    pair.decompose_student(narrow, wide, recipe, pair.Reporter())
-    t_cores, pairs = pair.teacher_cores(narrow.model, wide.model, pair.Reporter())
+    pair.decompose_student(narrow, wide, recipe, Reporter())
+    t_cores, pairs = constraint.teacher_cores(narrow.model, wide.model, layers.partner_fn(narrow.model, wide.model))
     by_name = {p.student: p for p in pairs}
     assert by_name["layer3.0.conv2"].teacher == "layer3.1.conv2" and len(by_name["layer3.0.conv2"].cores) >= 3
     student_cores = {n: tensorize.layer_cores(m) for n, m in tensorize.mpo_modules(narrow.model).items()}

@@ -11,7 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from tdkd_cli import model_files, mpo, ops, pair, recipe, run_dir, tensorize
+from tdkd_cli.io import layers, model_files
+from tdkd_cli.tensor import constraint, mpo, tensorize
+from tdkd_cli.tools import ops
+from tdkd_cli.core import recipe
+from tdkd_cli.engine import run_dir
 
 from .helpers import (NEG, NEU, POS, bert_classifier, digits_folder, run_cli, sentiment_task, tiny_pair, tiny_vit_dir,
                       wordpiece_tokenizer)
@@ -45,7 +49,7 @@ def tensors(path):
 # ---------------------------------------------------------------------------------------------
 def test_mpo_student_forward_equals_dense_at_init(setup):
     d, _, teacher = setup
-    from tdkd_cli import models
+    from tdkd_cli.io import models
 
     dense = models.load_model(str(teacher))
     mpo_form = models.load_model(str(teacher))
@@ -64,7 +68,7 @@ def test_accumulated_core_gradients_equal_per_microbatch_contraction(setup):
     """RebuiltWeights (one contraction per step, gradient pushed through it once) gives the same core
     gradients as contracting on every micro-batch."""
     _, _, teacher = setup
-    from tdkd_cli import models
+    from tdkd_cli.io import models
 
     grads = []
     for mode in ("per-micro", "once"):
@@ -200,7 +204,7 @@ def test_tensor_constraint_moves_student_cores_towards_teacher(setup, capsys):
     """With only the tensor constraint acting on the cores (mpo_lr > 0, KD on), the aligned
     auxiliary cores get closer to the teacher's."""
     d, task, teacher = setup
-    from tdkd_cli import models
+    from tdkd_cli.io import models
 
     dist = {}
     for lam in ("0", "10"):
@@ -210,7 +214,7 @@ def test_tensor_constraint_moves_student_cores_towards_teacher(setup, capsys):
         assert rc == 0, err
         loaded, _ = model_files.load_mpo_model(run_dir.checkpoint_dirs(run)[-1])
         t = models.load_model(str(teacher)).model
-        t_cores, pairs = pair.teacher_cores(loaded.model, t, pair.Reporter())
+        t_cores, pairs = constraint.teacher_cores(loaded.model, t, layers.partner_fn(loaded.model, t))
         s_cores = {n: tensorize.layer_cores(m) for n, m in tensorize.mpo_modules(loaded.model).items()}
         dist[lam] = float(sum(((s_cores[p.student][k] - t_cores[p.teacher][k]) ** 2).sum() for p in pairs for k in p.cores).detach())
     assert dist["10"] < dist["0"]

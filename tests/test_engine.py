@@ -8,11 +8,12 @@ import pytest
 import torch
 import typer
 
-from tdkd_cli import loss_terms, recipe
-from tdkd_cli.cli import app
-from tdkd_cli.errors import UsageError
-from tdkd_cli.features import FeatureTap
-from tdkd_cli.train import Progress
+from tdkd_cli.methods import loss_terms
+from tdkd_cli.core import recipe
+from tdkd_cli.cli.app import app
+from tdkd_cli.core.errors import UsageError
+from tdkd_cli.methods.features import FeatureTap
+from tdkd_cli.engine.train import Progress
 
 NOT_RECIPE = {"ctx", "output", "recipe", "resume", "force", "as_json"}
 FLAG_EXCEPTIONS = {"text_columns": "--text-column", "methods": "--method"}  # one column per flag, repeatable
@@ -145,7 +146,7 @@ def test_a_registered_term_reads_features_by_module_path(tmp_path, capsys, monke
     student and the teacher), is weighted into the loss, and is logged under its own name."""
     import json
 
-    from tdkd_cli import features
+    from tdkd_cli.methods import features
 
     from .helpers import run_cli, sentiment_task, tiny_pair
 

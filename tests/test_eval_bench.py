@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from tdkd_cli import bench, evaluate, ops
-from tdkd_cli.cli import main
-from tdkd_cli.errors import UsageError
+from tdkd_cli.tools import bench, ops
+from tdkd_cli.engine import evaluate
+from tdkd_cli.cli.app import main
+from tdkd_cli.core.errors import UsageError
 
 from .helpers import bert_classifier, digits_folder, run_cli, tiny_vit_dir, wordpiece_tokenizer
 

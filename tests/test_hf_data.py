@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from tdkd_cli import data
+from tdkd_cli.io import data
 
 from .helpers import run_cli, sentiment_task, tiny_pair
 

@@ -6,8 +6,11 @@ import re
 import pytest
 import torch
 
-from tdkd_cli import losses, mpo
-from tdkd_cli.errors import UsageError
+from tdkd_cli.io import layers
+from tdkd_cli.methods import losses
+from tdkd_cli.tensor import constraint
+from tdkd_cli.tensor import mpo
+from tdkd_cli.core.errors import UsageError
 
 
 def test_kd_loss_by_hand():
@@ -32,25 +35,26 @@ def test_ce_loss_by_hand():
 
 
 def test_teacher_layer_map():
-    assert [losses.teacher_layer(i, 6, 12) for i in range(6)] == [1, 3, 5, 7, 9, 11]
-    assert [losses.teacher_layer(i, 3, 6) for i in range(3)] == [1, 3, 5]
-    assert [losses.teacher_layer(i, 4, 12) for i in range(4)] == [2, 5, 8, 11]
-    assert losses.layer_map(None, 4, 12) == losses.layer_map("uniform", 4, 12) == [2, 5, 8, 11]
-    assert losses.layer_map(" 0, 1,2 ", 3, 6) == [0, 1, 2]
-    assert losses.layer_map("5,5,5", 3, 6) == [5, 5, 5]  # several student layers may share a partner
+    assert [layers.teacher_layer(i, 6, 12) for i in range(6)] == [1, 3, 5, 7, 9, 11]
+    assert [layers.teacher_layer(i, 3, 6) for i in range(3)] == [1, 3, 5]
+    assert [layers.teacher_layer(i, 4, 12) for i in range(4)] == [2, 5, 8, 11]
+    assert layers.layer_map(None, 4, 12) == layers.layer_map("uniform", 4, 12) == [2, 5, 8, 11]
+    assert layers.layer_map(" 0, 1,2 ", 3, 6) == [0, 1, 2]
+    assert layers.layer_map("5,5,5", 3, 6) == [5, 5, 5]  # several student layers may share a partner
     for bad, msg in (("0,1", "names 2 teacher layers but the student has 3"), ("0,1,6", "layers 0..5 (got 6)"),
                      ("0,-1,2", "expected 'uniform'"), ("a,b,c", "expected 'uniform'")):
         with pytest.raises(UsageError, match=re.escape(msg)):
-            losses.layer_map(bad, 3, 6)
+            layers.layer_map(bad, 3, 6)
 
 
 def test_explicit_layer_map_pairs_those_layers():
     shapes = [(1, 2, 2, 4), (4, 2, 2, 1)]
-    pairs = losses.pair_layers({f"enc.layer.{i}.q": shapes for i in range(3)},
-                               {f"enc.layer.{i}.q": shapes for i in range(6)}, [0, 1, 2])
+    pairs = constraint.pair_layers({f"enc.layer.{i}.q": shapes for i in range(3)},
+                               {f"enc.layer.{i}.q": shapes for i in range(6)},
+                                   lambda n: layers.partner_name(n, [0, 1, 2]))
     assert [(p.student, p.teacher) for p in pairs] == [(f"enc.layer.{i}.q", f"enc.layer.{i}.q") for i in range(3)]
-    assert losses.partner_name("enc.layer.1.q", [4, 2, 0]) == "enc.layer.2.q"
-    assert losses.partner_name("enc.embeddings.word", [4, 2, 0]) is None
+    assert layers.partner_name("enc.layer.1.q", [4, 2, 0]) == "enc.layer.2.q"
+    assert layers.partner_name("enc.embeddings.word", [4, 2, 0]) is None
 
 
 def test_hidden_and_attention_mse_by_hand():
@@ -91,11 +95,12 @@ def test_tensor_constraint_by_hand_and_gradients():
     shapes = ((2, 2, 1, 2, 3), (3, 1, 2, 2, 2))
     student = {"enc.layer.0.q": _cores(*shapes, 0, True), "enc.layer.1.q": _cores(*shapes, 1, True)}
     teacher = {f"enc.layer.{i}.q": [torch.nn.Parameter(c) for c in _cores(*shapes, 10 + i, False)] for i in range(4)}
-    pairs = losses.pair_layers({k: [c.shape for c in v] for k, v in student.items()},
-                               {k: [c.shape for c in v] for k, v in teacher.items()}, losses.layer_map(None, 2, 4))
+    pairs = constraint.pair_layers({k: [c.shape for c in v] for k, v in student.items()},
+                               {k: [c.shape for c in v] for k, v in teacher.items()},
+                                   lambda n: layers.partner_name(n, layers.layer_map(None, 2, 4)))
     assert [(p.student, p.teacher, p.cores) for p in pairs] == [("enc.layer.0.q", "enc.layer.1.q", (0, 1, 3, 4)),
                                                               ("enc.layer.1.q", "enc.layer.3.q", (0, 1, 3, 4))]
-    loss = losses.tensor_constraint_loss(student, teacher, pairs)
+    loss = constraint.tensor_constraint_loss(student, teacher, pairs)
     expect = 0.0
     for p in pairs:
         expect += sum(float(((student[p.student][k] - teacher[p.teacher][k]).detach() ** 2).mean()) for k in p.cores)
@@ -114,8 +119,9 @@ def test_different_widths_align_only_matching_cores():
     # student 312 wide, teacher 768 wide, trailing factors chosen equal: (.., 12) x (.., 12)
     s_shapes = [tuple(c.shape) for c in _cores((26, 1, 12), (26, 1, 12), 0, False)]
     t_shapes = [tuple(c.shape) for c in _cores((64, 1, 12), (64, 1, 12), 0, False)]
-    pairs = losses.pair_layers({"layer.0.q": s_shapes}, {"layer.1.q": t_shapes}, losses.layer_map(None, 1, 2))
+    pairs = constraint.pair_layers({"layer.0.q": s_shapes}, {"layer.1.q": t_shapes},
+                                   lambda n: layers.partner_name(n, layers.layer_map(None, 1, 2)))
     assert pairs[0].cores == (2,) and pairs[0].skipped == (0,)
     with pytest.raises(Exception):
-        losses.tensor_constraint_loss({"layer.0.q": []}, {"layer.1.q": []},
-                                      [losses.AlignedPair("layer.0.q", "layer.1.q", (), (0, 2))])
+        constraint.tensor_constraint_loss({"layer.0.q": []}, {"layer.1.q": []},
+                                      [constraint.AlignedPair("layer.0.q", "layer.1.q", (), (0, 2))])

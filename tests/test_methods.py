@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from tdkd_cli import method_losses as ml, methods
-from tdkd_cli.errors import UsageError
+from tdkd_cli.methods import method_losses as ml, registry as methods
+from tdkd_cli.core.errors import UsageError
 
 from .helpers import digits_folder, run_cli, sentiment_task, tiny_pair, tiny_vit_dir
 
@@ -135,7 +135,7 @@ def test_fitnet_equals_hand_computation_with_and_without_the_token_mask():
 
 
 def test_fitnet_connector_gets_gradients_teacher_none():
-    from tdkd_cli.methods import METHODS
+    from tdkd_cli.methods.registry import METHODS
 
     m = METHODS["fitnet"]
     conn = m.connector((2, 3, 2), (2, 3, 4))
@@ -425,7 +425,7 @@ def test_feature_method_bad_input(text, vit, capsys):
 
 
 def test_builtin_digits_is_an_image_folder_of_the_real_set(tmp_path, monkeypatch):
-    from tdkd_cli import data
+    from tdkd_cli.io import data
 
     monkeypatch.setenv("TDKD_CACHE", str(tmp_path))
     path, task = data.resolve_data("builtin:digits")
@@ -446,7 +446,7 @@ def test_shipped_method_recipes_run(text, vit, capsys, recipe):
     rc, out, err = run_cli(["distill", "--recipe", recipe, "--teacher", str(teacher), *student, "--max-steps", "2",
                             "--batch-size", "8", "--dev-limit", "16", "--device", "cpu", "--log-every", "1", "-o", str(run)], capsys)
     assert rc == 0, err
-    from tdkd_cli import recipe as recipe_mod
+    from tdkd_cli.core import recipe as recipe_mod
 
     (method,) = recipe_mod.read(recipe)["methods"]
     name = method.split(":")[0]

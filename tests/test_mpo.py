@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from tdkd_cli import mpo
-from tdkd_cli.errors import UsageError
+from tdkd_cli.tensor import mpo
+from tdkd_cli.core.errors import UsageError
 
 BERT_SHAPES = {768: (32, 1, 1, 1, 24), 3072: (64, 1, 1, 1, 48)}
 

@@ -10,8 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tdkd_cli import branches, method_losses as ml, theseus
-from tdkd_cli.errors import UsageError
+from tdkd_cli.methods.schemes import branches, theseus
+from tdkd_cli.methods import method_losses as ml
+from tdkd_cli.core.errors import UsageError
 
 from .helpers import digits_folder, run_cli, sentiment_task, tiny_pair
 
@@ -90,7 +91,7 @@ def test_theseus_schedule_probabilities_seeded_and_reaching_one():
 
 
 def test_one_splits_bert_and_resnet_into_trunk_and_tail():
-    from tdkd_cli.models import load_model
+    from tdkd_cli.io.models import load_model
 
     model = load_model("resnet-digits-small", init="random", num_labels=10).model
     trunk, tail = branches.split(model, 1)
@@ -104,9 +105,9 @@ def test_one_later_branches_read_the_first_branchs_trunk_and_train_it():
     replayed trunk is exact), and a loss on branch 1 alone reaches the trunk, not branch 0's tail."""
     import copy
 
-    from tdkd_cli import loss_terms
-    from tdkd_cli.models import load_model
-    from tdkd_cli.scheme import swapped
+    from tdkd_cli.methods import loss_terms
+    from tdkd_cli.io.models import load_model
+    from tdkd_cli.methods.schemes.base import swapped
 
     torch.manual_seed(0)
     model = load_model("resnet-digits-small", init="random", num_labels=10).model.eval()
@@ -337,7 +338,8 @@ def test_dml_runs_under_torchrun_as_accumulation_does(text, tmp_path):
     import sys
     from pathlib import Path
 
-    from tdkd_cli import online, recipe
+    from tdkd_cli.methods.schemes import online
+    from tdkd_cli.core import recipe
 
     d, task, teacher = text
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")

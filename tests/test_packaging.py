@@ -48,7 +48,7 @@ def test_wheel_installs_into_a_fresh_environment_and_runs(tmp_path):
 
 @pytest.mark.parametrize("name", ["sst2-demo", "digits-cnn"])
 def test_recipes_are_package_data(name):
-    from tdkd_cli import recipe
+    from tdkd_cli.core import recipe
 
     assert recipe.builtin_dir() == REPO / "tdkd_cli" / "recipes"
     assert (recipe.builtin_dir() / f"{name}.yaml").is_file()

@@ -17,8 +17,9 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from tdkd_cli import checkpoint as ckpt, run_dir
-from tdkd_cli.errors import TdkdError
+from tdkd_cli.io import checkpoint as ckpt
+from tdkd_cli.engine import run_dir
+from tdkd_cli.core.errors import TdkdError
 
 from .helpers import run_cli, sentiment_task, tiny_pair
 
@@ -156,7 +157,7 @@ def test_damaged_latest_checkpoint_is_skipped_on_resume(env, reference, capsys):
 # property-based: the checkpoint and manifest readers only ever raise tdkd's own errors
 @pytest.fixture(scope="module")
 def good_ckpt(tmp_path_factory):
-    from tdkd_cli import ops
+    from tdkd_cli.tools import ops
 
     from .helpers import bert_classifier
 
@@ -168,7 +169,7 @@ def good_ckpt(tmp_path_factory):
 
 def _read_all(path: Path):
     manifest, tensors = ckpt.load_mpo_checkpoint(path)
-    from tdkd_cli import model_files
+    from tdkd_cli.io import model_files
 
     model_files.load_mpo_model(path)
     return manifest, tensors
@@ -225,7 +226,7 @@ def test_mutated_checkpoints_only_raise_tdkd_errors(good_ckpt, tmp_path_factory,
 # full disk (simulated): one line, exit 1, nothing partial left, earlier output untouched
 def test_full_disk_leaves_nothing_partial(env, tmp_path, capsys, monkeypatch):
     d, task, teacher = env
-    from tdkd_cli import checkpoint
+    from tdkd_cli.io import checkpoint
 
     out = tmp_path / "merged"
     out.mkdir()
@@ -286,7 +287,7 @@ def _set(key, value):
 ])
 def test_damaged_source_config_names_the_field(good_ckpt, tmp_path, capsys, key, value, says):
     target = _with_source(good_ckpt, tmp_path, _set(key, value))
-    from tdkd_cli import model_files
+    from tdkd_cli.io import model_files
 
     with pytest.raises(TdkdError, match=re.escape(says)):
         model_files.load_mpo_model(target)
@@ -304,7 +305,7 @@ config_values = st.one_of(st.none(), st.booleans(), st.integers(-3, 3), st.sampl
 def test_mutated_source_config_only_raises_tdkd_errors(good_ckpt, tmp_path_factory, data):
     """Every loader (manifest, MPO model, any model, a forward pass of what loads) fails only with
     tdkd's error type however the source block's fields are changed."""
-    from tdkd_cli import model_files, models
+    from tdkd_cli.io import model_files, models
 
     cfg = json.loads((good_ckpt / ckpt.MANIFEST).read_text())["source"]["config"]
     changes = data.draw(st.dictionaries(st.sampled_from(sorted(cfg) + ["architecture", "model_type"]), config_values,

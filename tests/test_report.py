@@ -10,7 +10,7 @@ from .helpers import run_cli, sentiment_task, tiny_pair
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    from tdkd_cli.cli import main
+    from tdkd_cli.cli.app import main
 
     d = tmp_path_factory.mktemp("report")
     task, teacher = sentiment_task(d, n_train=48, n_dev=16), tiny_pair(d, dropout=0.0)
@@ -51,26 +51,26 @@ def test_report_writes_valid_figures_naming_every_run(runs, capsys):
 
 
 def test_report_groups_seeds_and_reads_the_trained_spectra(runs):
-    from tdkd_cli import report
+    from tdkd_cli.tools import report, runs as runs_mod
 
     d, dirs = runs
-    data = [report.read_run(p, p.name) for p in dirs]
-    groups = report.seed_groups(data)
+    data = [runs_mod.read_run(p, p.name) for p in dirs]
+    groups = runs_mod.seed_groups(data)
     assert [[r.label for r in g] for g in groups] == [["dense"], ["opdf-s1", "opdf-s2"]]
-    trained = report.trained_spectra(data[1])
+    trained = runs_mod.trained_spectra(data[1])
     assert trained.keys() == data[1].spectra_init.keys()
     name = next(iter(trained))
     assert len(trained[name]) == 4 and trained[name][0] != data[1].spectra_init[name][0]  # training moved them
 
 
 def test_report_names_the_split_the_runs_evaluated_on(runs):
-    from tdkd_cli import report
+    from tdkd_cli.tools import report, runs as runs_mod
 
     d, dirs = runs
-    data = [report.read_run(p, p.name) for p in dirs]
-    assert report.split_name(data) == "dev"
+    data = [runs_mod.read_run(p, p.name) for p in dirs]
+    assert runs_mod.split_name(data) == "dev"
     data[1].recipe["dev_split"] = data[2].recipe["dev_split"] = "heldout"
-    assert report.split_name(data[1:]) == "heldout" and report.split_name(data) == "eval"
+    assert runs_mod.split_name(data[1:]) == "heldout" and runs_mod.split_name(data) == "eval"
     assert "| best heldout | final heldout |" in report.markdown(data[1:], ["dev.png"])
 
 

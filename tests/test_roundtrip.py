@@ -5,7 +5,9 @@ import json
 import pytest
 import torch
 
-from tdkd_cli import checkpoint, model_files, models, ops, tensorize
+from tdkd_cli.io import checkpoint, model_files, models
+from tdkd_cli.tools import ops
+from tdkd_cli.tensor import tensorize
 
 from .helpers import bert_classifier, rel_fro, vit_tiny, run_cli
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tdkd_cli import loss_terms
-from tdkd_cli.loss_terms import Outputs
-from tdkd_cli.teacher_cache import TeacherCache
+from tdkd_cli.methods import loss_terms
+from tdkd_cli.methods.loss_terms import Outputs
+from tdkd_cli.engine.teacher_cache import TeacherCache
 
 from .helpers import digits_folder, run_cli, sentiment_task, tiny_pair
 
@@ -77,7 +77,7 @@ def test_cached_run_equals_uncached_run_bitwise_when_batches_repeat(text, capsys
 def test_cache_holds_each_examples_teacher_logits_and_is_keyed_by_inputs(text, capsys, teacher_forwards):
     from transformers import AutoModelForSequenceClassification
 
-    from tdkd_cli import data, models
+    from tdkd_cli.io import data, models
 
     d, teacher = text
     task = sentiment_task(d / "multi", n_train=64, n_dev=8, seed=4)
