@@ -51,7 +51,9 @@ demo-vision: install
 	$(TDKD) bench $(VOUT)/teacher $(VOUT)/student --batch-size 32 --iters 20
 	$(TDKD) report $(VOUT)/teacher-run $(VOUT)/student-run -o $(VOUT)/report
 
+# lint-imports checks the import contract of pyproject.toml (which subpackage may import which).
 test: install
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/python -m pytest
 
 # The property tests with fresh random examples (1000 each) instead of the suite's fixed ones.

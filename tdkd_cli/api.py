@@ -71,9 +71,17 @@ def _check_module(value, name: str) -> None:
         raise UsageError(f"{name}: expected a torch.nn.Module, got {type(value).__name__}")
 
 
+_CLI_WORDS = (("pass --targets PATTERN", "set MPOConfig(targets=[PATTERN, ...])"), ("--shapes ", "shapes "),
+              ("--n ", "n "), ("--rank ", "rank "))
+
+
 def _named(name: str, exc: TdkdError) -> TdkdError:
-    """The same error type with the argument's name in front of its message."""
-    return type(exc)(f"{name}: {exc}")
+    """The same error type with the argument's name in front of its message (options called as
+    the API calls them, not as the command line does)."""
+    text = str(exc)
+    for cli, api in _CLI_WORDS:
+        text = text.replace(cli, api)
+    return type(exc)(f"{name}: {text}")
 
 
 def overparameterize(model: nn.Module, config: MPOConfig | None = None, teacher: nn.Module | None = None) -> nn.Module:

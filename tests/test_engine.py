@@ -15,7 +15,7 @@ from tdkd_cli.core.errors import UsageError
 from tdkd_cli.methods.features import FeatureTap
 from tdkd_cli.engine.train import Progress
 
-NOT_RECIPE = {"ctx", "output", "recipe", "resume", "force", "as_json"}
+NOT_RECIPE = {"ctx", "output", "recipe", "resume", "force", "as_json", "plugins"}
 FLAG_EXCEPTIONS = {"text_columns": "--text-column", "methods": "--method"}  # one column per flag, repeatable
 
 

@@ -356,12 +356,18 @@ def load_tokenizer(tok_dir: Path | str):
 # ----------------------------------------------------------------------------------------------
 def image_input_size(model) -> tuple[int, int, int]:
     """(C, H, W) a timm model expects: its patch embedding's size when it has one (models built with
-    img_size=... keep the default size in pretrained_cfg), else pretrained_cfg's input_size."""
+    img_size=... keep the default size in pretrained_cfg), else pretrained_cfg's input_size; the
+    channels of its first convolution (models built with in_chans=...)."""
     cfg = getattr(model, "pretrained_cfg", None) or {}
     size = tuple(cfg.get("input_size", (3, 224, 224)))
     img = getattr(getattr(model, "patch_embed", None), "img_size", None)
     if img is not None:
         size = (size[0],) + tuple(int(v) for v in img)
+    from torch import nn
+
+    first_conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    if first_conv is not None and first_conv.in_channels != size[0]:  # built with in_chans=...
+        size = (int(first_conv.in_channels),) + tuple(size[1:])
     return size
 
 
