@@ -33,7 +33,7 @@ from .methods import loss_terms, registry
 from .methods.features import FeatureTap
 from .methods.losses import attention_mse, ce_loss, hidden_mse, kd_loss
 from .methods.method_losses import at_loss, cc_loss, dist_loss, dkd_loss, fitnet_loss, rkd_loss, sp_loss
-from .methods.registry import list_methods, load_plugins, register_method
+from .methods.plugins import list_methods, load_plugins, register_method
 from .tensor import align, constraint, tensorize
 from .tools.ops import merge_model
 
@@ -180,6 +180,7 @@ class DistillLoss(nn.Module):
         self.kd, self.temperature, self.ce = float(kd), float(temperature), float(ce)
         self.family = family_of(student)
         lmap = _layer_map(student, teacher)
+        load_plugins()  # methods that installed packages offer (entry points)
         try:
             specs = registry.parse_all(methods)
         except UsageError as exc:

@@ -16,7 +16,7 @@ import tdkd_cli
 from tdkd_cli import (DistillLoss, MPOConfig, TdkdError, TensorConstraint, load_mpo, merge, overparameterize,
                       param_groups, save_mpo)
 from tdkd_cli.io import layers
-from tdkd_cli.methods import losses, method_losses, registry
+from tdkd_cli.methods import losses, method_losses, plugins
 from tdkd_cli.tensor import constraint, tensorize
 
 from .helpers import bert_classifier, run_cli, sentiment_task, tiny_pair
@@ -184,13 +184,13 @@ def test_the_package_root_loads_the_api_lazily():
 # ----------------------------------------------------------------------------------------------
 def test_register_method_refuses_bad_and_taken_names():
     with pytest.raises(TdkdError, match="already a method"):
-        registry.register_method("kd")
+        plugins.register_method("kd")
     with pytest.raises(TdkdError, match="already a method"):
-        registry.register_method("dkd")
+        plugins.register_method("dkd")
     with pytest.raises(TdkdError, match="lower-case"):
-        registry.register_method("Bad Name")
+        plugins.register_method("Bad Name")
     with pytest.raises(TdkdError, match="kind must be"):
-        registry.register_method("fine", kind="graph")
+        plugins.register_method("fine", kind="graph")
 
 
 @pytest.fixture(scope="module")

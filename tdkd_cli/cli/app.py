@@ -197,10 +197,10 @@ def distill(
     --teacher on is also a recipe key (--grad-accum <-> grad_accum); the command line wins."""
     from ..core import recipe as recipe_mod
     from ..engine import train
-    from ..methods import registry
+    from ..methods import plugins as plugins_mod
     from . import render
 
-    registry.load_plugins(plugins or ())
+    plugins_mod.load_plugins(plugins or ())
     overrides = {k: (v or None) if isinstance(v, (list, tuple)) else v
                  for k, v in ctx.params.items() if k in recipe_mod.SCHEMA}
     r, explicit = recipe_mod.build(recipe, overrides)
@@ -253,11 +253,11 @@ def methods(
 ):
     """List the distillation losses: built-in terms (recipe keys), methods (--method NAME:options)
     and plug-ins' methods."""
-    from ..methods import registry
+    from ..methods import plugins as plugins_mod
     from . import render
 
-    registry.load_plugins(plugins or ())
-    rows = registry.list_methods()
+    plugins_mod.load_plugins(plugins or ())
+    rows = plugins_mod.list_methods()
     render.emit_json(rows) if as_json else render.methods_table(rows)
 
 

@@ -16,15 +16,9 @@ checked and connectors (FitNets) are built, all before the run directory is writ
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import math
-import os
-import re
-import sys
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 import torch
 from torch import nn
@@ -68,11 +62,11 @@ def _token_mask(feat: torch.Tensor, batch: dict) -> torch.Tensor | None:
 
 
 def _fitnet(sf, tf, batch, o, conn):
-    s = sf[0] if conn is None else _apply_connector(conn, sf[0])
+    s = sf[0] if conn is None else apply_connector(conn, sf[0])
     return ml.fitnet_loss(s, tf[0], _token_mask(tf[0], batch))
 
 
-def _apply_connector(conn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def apply_connector(conn: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return conn(x.to(next(conn.parameters()).dtype))
 
 
@@ -86,7 +80,7 @@ def _fitnet_check(s: Shape, t: Shape) -> str | None:
     return None
 
 
-def _fitnet_connector(s: Shape, t: Shape) -> nn.Module | None:
+def linear_connector(s: Shape, t: Shape) -> nn.Module | None:
     if len(s) == 4:
         return nn.Conv2d(s[1], t[1], kernel_size=1) if s[1] != t[1] else None
     return nn.Linear(s[-1], t[-1]) if s[-1] != t[-1] else None
@@ -113,7 +107,7 @@ def _minilm(sf, tf, batch, o, heads):
     return loss
 
 
-_PATHS = {"student": (None, "student module(s): dotted paths joined by '+', '*' = each layer of the layer map"),
+FEATURE_PATHS = {"student": (None, "student module(s): dotted paths joined by '+', '*' = each layer of the layer map"),
           "teacher": (None, "teacher module(s) paired with them, in the same order")}
 
 METHODS: dict[str, Method] = {m.name: m for m in (
@@ -126,10 +120,10 @@ METHODS: dict[str, Method] = {m.name: m for m in (
             "gamma": (1.0, "weight of the intra-class (per class, across the batch) relation"),
             "temperature": (1.0, "temperature T")},
            _response(ml.dist_loss, "beta", "gamma", "temperature")),
-    Method("fitnet", "feature", "Hints (FitNets), Romero et al., ICLR 2015", dict(_PATHS),
-           _fitnet, features=True, check=_fitnet_check, connector=_fitnet_connector),
+    Method("fitnet", "feature", "Hints (FitNets), Romero et al., ICLR 2015", dict(FEATURE_PATHS),
+           _fitnet, features=True, check=_fitnet_check, connector=linear_connector),
     Method("at", "feature", "Attention transfer, Zagoruyko & Komodakis, ICLR 2017",
-           dict(_PATHS, p=(2.0, "exponent p of the attention map sum_c |F_c|^p")),
+           dict(FEATURE_PATHS, p=(2.0, "exponent p of the attention map sum_c |F_c|^p")),
            _pairwise(ml.at_loss, "p"), features=True, check=_at_check),
     Method("minilm", "feature", "MiniLM self-attention and value relations, Wang et al., NeurIPS 2020",
            dict(student=(None, "student attention module(s) (with query/key/value or qkv projections), '+'/'*' as above"),
@@ -138,14 +132,14 @@ METHODS: dict[str, Method] = {m.name: m for m in (
                 attention_weight=(1.0, "weight of the attention-distribution KL (queries x keys)"),
                 value_weight=(1.0, "weight of the value-relation KL (values x values)")),
            _minilm, features=True, families="text, ViT"),
-    Method("sp", "relation", "Similarity-preserving KD, Tung & Mori, ICCV 2019", dict(_PATHS),
+    Method("sp", "relation", "Similarity-preserving KD, Tung & Mori, ICCV 2019", dict(FEATURE_PATHS),
            _pairwise(ml.sp_loss), features=True),
     Method("rkd", "relation", "Relational KD, Park et al., CVPR 2019",
-           dict(_PATHS, distance_weight=(25.0, "weight of the distance-wise potential"),
+           dict(FEATURE_PATHS, distance_weight=(25.0, "weight of the distance-wise potential"),
                 angle_weight=(50.0, "weight of the angle-wise potential")),
            _pairwise(ml.rkd_loss, "distance_weight", "angle_weight"), features=True),
     Method("cc", "relation", "Correlation congruence, Peng et al., ICCV 2019",
-           dict(_PATHS, gamma=(0.4, "Gaussian kernel width gamma"), order=(2.0, "order P of the kernel's Taylor series")),
+           dict(FEATURE_PATHS, gamma=(0.4, "Gaussian kernel width gamma"), order=(2.0, "order P of the kernel's Taylor series")),
            _pairwise(ml.cc_loss, "gamma", "order"), features=True),
     # ways to train rather than loss terms (online.py): at most one per run, never bound as a term
     Method("dml", "online", "Deep mutual learning, Zhang et al., CVPR 2018",
@@ -182,8 +176,6 @@ def parse(spec: str) -> Spec:
     """'NAME[:weight=W,option=value,...]' -> Spec (options with defaults filled in)."""
     name, _, rest = spec.strip().partition(":")
     method = METHODS.get(name.strip().lower())
-    if method is None and load_plugins():  # an installed package may offer it (entry points)
-        method = METHODS.get(name.strip().lower())
     if method is None:
         raise UsageError(f"unknown method {name.strip()!r} in {spec!r}; known: {', '.join(METHODS)} (see `tdkd methods`)")
     opts = {k: d for k, (d, _) in method.options.items()}
@@ -422,104 +414,6 @@ BUILTIN = (
     ("attention", "feature", "TinyBERT attention-map MSE, Jiao et al., 2020", "attention_weight, layer_map", "text"),
     ("tensor", "OPDF", "tensor constraint, Zhan et al., NeurIPS 2024", "tensor_lambda, layer_map", "text, ViT, CNN"),
 )
-
-
-# ----------------------------------------------------------------------------------------------
-# Plug-ins: methods registered by the user's code or by installed packages
-# ----------------------------------------------------------------------------------------------
-PLUGIN_GROUP = "tdkd.methods"  # entry-point group of installed packages that offer methods
-PLUGINS_ENV = "TDKD_PLUGINS"  # more modules or .py files to import, separated by os.pathsep
-_KINDS = ("response", "feature", "relation")
-_loaded: set[str] = set()
-
-
-def register_method(name: str, *, kind: str = "response", paper: str = "user-registered method",
-                    options: dict | None = None, families: str = "text, ViT, CNN", replace: bool = False):
-    """Decorator: register a loss function as a method that recipes and ``--method`` name.
-
-    ``kind="response"``: ``fn(student_logits, teacher_logits, **options) -> scalar``.
-    ``kind="feature"`` or ``"relation"``: ``fn(student_feature, teacher_feature, **options)``, the
-    outputs of the modules a spec names with ``student=PATH,teacher=PATH`` (a student feature of
-    another width is first projected by a learned connector, as FitNets' is). ``options``: name ->
-    default number, or (default, help); every method also takes ``weight``."""
-    if not re.fullmatch(r"[a-z][a-z0-9_-]*", name or ""):
-        raise UsageError(f"register_method: name {name!r} must be lower-case letters, digits, '-' or '_'")
-    if kind not in _KINDS:
-        raise UsageError(f"register_method {name}: kind must be one of {', '.join(_KINDS)} (got {kind!r})")
-    taken = name in {b[0] for b in BUILTIN} or (name in METHODS and not replace)
-    if taken:
-        raise UsageError(f"register_method: {name!r} is already a method; choose another name (or replace=True for your own)")
-    opts = {}
-    for key, value in (options or {}).items():
-        default, text = value if isinstance(value, tuple) else (value, "")
-        if key in ("weight", "student", "teacher") or not isinstance(default, (int, float)):
-            raise UsageError(f"register_method {name}: option {key!r} must be a number other than weight/student/teacher")
-        opts[key] = (float(default), text)
-
-    def decorate(fn: Callable) -> Callable:
-        keys = list(opts)
-        if kind == "response":
-            compute = lambda s, t, batch, o: fn(s.logits, t.logits, **{k: o[k] for k in keys})  # noqa: E731
-            method = Method(name, kind, paper, dict(opts), compute, families)
-        else:
-            def compute(sf, tf, batch, o, conn):
-                s = sf[0] if conn is None else _apply_connector(conn, sf[0])
-                return fn(s, tf[0], **{k: o[k] for k in keys})
-            method = Method(name, kind, paper, {**_PATHS, **opts}, compute, families, features=True,
-                            connector=_fitnet_connector)
-        METHODS[name] = method
-        return fn
-
-    return decorate
-
-
-def load_plugins(extra: Sequence[str] = ()) -> int:
-    """Import the plug-ins not imported yet: the entry points of group ``tdkd.methods`` (installed
-    packages), the modules or ``.py`` files in $TDKD_PLUGINS and ``extra`` (``--plugin``).
-    Importing one registers its methods (``register_method``). Returns how many were imported."""
-    from importlib import metadata
-
-    count = 0
-    for ep in metadata.entry_points(group=PLUGIN_GROUP):
-        if f"ep:{ep.value}" not in _loaded:
-            _loaded.add(f"ep:{ep.value}")
-            _import(ep.value, lambda ep=ep: ep.load())
-            count += 1
-    env = [x for x in os.environ.get(PLUGINS_ENV, "").split(os.pathsep) if x.strip()]
-    for target in [*env, *extra]:
-        if target not in _loaded:
-            _loaded.add(target)
-            _import(target, lambda target=target: _import_target(target))
-            count += 1
-    return count
-
-
-def _import_target(target: str):
-    if target.endswith(".py") or os.sep in target:
-        path = Path(target)
-        if not path.is_file():
-            raise UsageError(f"plug-in {target}: no such file")
-        spec = importlib.util.spec_from_file_location(f"tdkd_plugin_{path.stem}", path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
-        return module
-    return importlib.import_module(target)
-
-
-def _import(name: str, load: Callable) -> None:
-    try:
-        load()
-    except UsageError:
-        raise
-    except Exception as exc:  # a plug-in's own failure: one line naming it, not a traceback
-        raise UsageError(f"plug-in {name} failed to import: {type(exc).__name__}: {exc}") from None
-
-
-def list_methods() -> list[dict]:
-    """Every loss a recipe can use (``tdkd methods --json``): built-in terms, methods, plug-ins."""
-    load_plugins()
-    return catalogue()
 
 
 def catalogue() -> list[dict]:
