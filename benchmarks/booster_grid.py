@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import statistics
 import sys
 from pathlib import Path
@@ -223,7 +224,7 @@ def train(s: Suite, method: str, arm: str, setting: str, seed: int) -> None:
     if method == "dml":  # the peers' MPO form is part of the method's spec
         opts[-1] = opts[-1].replace("dml:", f"dml:mpo={'0+0' if arm == 'dense' else '1+1'},")
     distill(run, *s.base(), "--data", str(s.data), "--dev-split", "heldout", "--seed", str(seed),
-            *opts, *s.arm_options(arm), *s.grid(arm)[setting])
+            *opts, *s.arm_options(arm), *s.grid(arm)[setting], "--keep-best-only")  # an arm needs only best/
 
 
 def score(s: Suite, run: Path) -> dict:
@@ -240,6 +241,7 @@ def score(s: Suite, run: Path) -> dict:
                              "--json", capture=True))
         res[split] = ev["metrics"][metric]
     atomic_write_text(out, json.dumps(res))
+    shutil.rmtree(merged, ignore_errors=True)  # remade by `tdkd merge RUN/best` when needed; keeps the grid's disk bounded
     return res
 
 
@@ -356,8 +358,6 @@ def cmd_table(a) -> None:
 def cmd_figures(a) -> None:
     """`tdkd report` of each method's chosen runs (every arm, seeds as mean and band) under
     --out/reports/SUITE/METHOD; its held-out-by-step figure is copied to -o as METHOD.png."""
-    import shutil
-
     s = SUITES[a.suite](a)
     Path(a.output).mkdir(parents=True, exist_ok=True)
     for method, (_, _, arms) in s.methods.items():

@@ -19,6 +19,7 @@ import argparse
 import json
 import math
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -77,6 +78,7 @@ def merge_and_eval(run: Path, data: Path, task: str) -> dict:
     tdkd("merge", str(run / "best"), "-o", str(merged), "--force", "--json", capture=True)
     out = tdkd("eval", str(merged), "--data", str(data), "--task", task, "--json", capture=True)
     atomic_write_text(result, out)
+    shutil.rmtree(merged, ignore_errors=True)  # remade by `tdkd merge RUN/best` when needed; keeps disk use bounded
     return json.loads(out)
 
 

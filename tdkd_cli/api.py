@@ -285,7 +285,7 @@ def save_mpo(model: nn.Module, directory: str | Path, *, tokenizer_dir: str | Pa
     source = _source(model, timm_kwargs)
     cores = tensorize.mpo_modules(model)
     n = len(tensorize.layer_cores(next(iter(cores.values())))) if cores else None
-    with ckpt.atomic_dir(out, force=force) as tmp:
+    with ckpt.atomic_dir(out, force=force, what="MPO model") as tmp:
         write_model_files(tmp, model, source, Path(tokenizer_dir) if tokenizer_dir else None, n=n)
         try:
             load_mpo_model(tmp)

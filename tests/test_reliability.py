@@ -223,7 +223,7 @@ def test_mutated_checkpoints_only_raise_tdkd_errors(good_ckpt, tmp_path_factory,
 
 
 # ---------------------------------------------------------------------------------------------
-# full disk (simulated): one line, exit 1, nothing partial left, earlier output untouched
+# full disk (simulated): one line, exit 3, nothing partial left, earlier output untouched
 def test_full_disk_leaves_nothing_partial(env, tmp_path, capsys, monkeypatch):
     d, task, teacher = env
     from tdkd_cli.io import checkpoint
@@ -238,14 +238,15 @@ def test_full_disk_leaves_nothing_partial(env, tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(checkpoint, "save_tensors", full)
     rc, _, err = run_cli(["decompose", str(teacher), "-o", str(out), "--force", "--n", "3"], capsys)
-    assert rc == 1 and "No space left on device" in err and len(err.strip().splitlines()) == 1
+    assert rc == 3 and "cannot write decomposed model" in err and "no space left on device" in err
+    assert len(err.strip().splitlines()) == 1
     assert (out / "old.txt").read_text() == "earlier output"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
     run = tmp_path / "run"
     rc, _, err = run_cli(["distill", "--data", str(task), "--teacher", "none", "--student", str(teacher), "--no-mpo",
                           "--max-steps", "2", "--device", "cpu", "-o", str(run)], capsys)
     errors = [x for x in err.strip().splitlines() if x.startswith("error:")]  # progress lines go to stderr too
-    assert rc == 1 and len(errors) == 1 and "No space left on device" in errors[0] and "Traceback" not in err
+    assert rc == 3 and len(errors) == 1 and "no space left on device" in errors[0] and "Traceback" not in err
     assert err.strip().splitlines()[-1] == errors[0]
     assert not run_dir.checkpoint_dirs(run) and not (run / "best").exists()
     assert not [p for p in run.rglob(".*tmp-*")]

@@ -183,6 +183,7 @@ def distill(
     eval_every: Optional[int] = typer.Option(None, "--eval-every", help=_key_help("eval_every")),
     save_every: Optional[int] = typer.Option(None, "--save-every", help=_key_help("save_every")),
     keep_last: Optional[int] = typer.Option(None, "--keep-last", help=_key_help("keep_last")),
+    keep_best_only: Optional[bool] = typer.Option(None, "--keep-best-only/--keep-checkpoints", help=_key_help("keep_best_only")),
     log_every: Optional[int] = typer.Option(None, "--log-every", help=_key_help("log_every")),
     eval_batch_size: Optional[int] = typer.Option(None, "--eval-batch-size", help=_key_help("eval_batch_size")),
     tensorboard: Optional[bool] = typer.Option(None, "--tensorboard/--no-tensorboard", help=_key_help("tensorboard")),

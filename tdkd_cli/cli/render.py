@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import sys
 
+from ..io.checkpoint import human_bytes
+
 
 def console(stderr: bool = False):
     from rich.console import Console
@@ -92,7 +94,11 @@ def distill_summary(report: dict, output) -> None:
     if best.get("value") is not None:
         of = f", {best['member']}" if best.get("member") else ""
         rows.append((f"best dev {best['metric']}", f"{best['value']:.4f} (step {best['step']}{of})"))
-    rows += [("best model", report["best_dir"]), ("last full checkpoint", str(report["checkpoint"]))]
+    rows += [("best model", report["best_dir"]),
+             ("last full checkpoint", str(report["checkpoint"]) if report["checkpoint"] else "none kept (keep_best_only)")]
+    disk = report.get("disk")
+    if disk:
+        rows.append(("disk (estimated)", f"{human_bytes(disk['checkpoint_bytes'])} a checkpoint, {human_bytes(disk['peak_bytes'])} at most"))
     if report.get("members_dir"):
         rows.append(("every member (last step)", report["members_dir"]))
     for a, b in rows:
@@ -116,7 +122,7 @@ class DistillReporter:
 
     def info(self, text: str) -> None:
         if not self.quiet:
-            self.err.print(text)
+            self.err.print(text, soft_wrap=True, markup=False)  # one line in logs, however long
 
     def start(self, total: int, start_step: int) -> None:
         if self.quiet or not self.tty:

@@ -1,5 +1,6 @@
 """tdkd's own error types. Every user-facing failure is one of these; the CLI prints its message
-on one line and exits with ``exit_code`` (2 for usage errors, 1 for runtime failures)."""
+on one line and exits with ``exit_code`` (2 for usage errors, 1 for runtime failures, 3 when an
+output could not be written: no space, a read-only file system, no permission)."""
 
 from __future__ import annotations
 
@@ -26,6 +27,13 @@ class VerificationError(TdkdError):
     """A numerical check failed (e.g. a merged model does not match its MPO form)."""
 
     exit_code = 1
+
+
+class OutputError(TdkdError):
+    """The operating system refused to write an output (no space left, read-only file system,
+    permission denied): nothing partial is left, earlier outputs are whole; exit code 3."""
+
+    exit_code = 3
 
 
 class Interrupted(TdkdError):

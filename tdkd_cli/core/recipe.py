@@ -78,6 +78,7 @@ class Recipe:
     eval_every: int = _key(0, 'Evaluate on the dev set every N steps (0: only at the end).')
     save_every: int = _key(0, 'Write a full-state checkpoint every N steps (0: only at the end).')
     keep_last: int = _key(2, 'Full-state checkpoints kept (plus the best model).')
+    keep_best_only: bool = _key(False, 'When the run finishes, delete its checkpoints/ and keep best/ (for experiment arms; the run can then not be resumed or extended).')
     log_every: int = _key(10, 'Write averaged losses to metrics.jsonl every N steps.')
     eval_batch_size: int = _key(64, 'Examples per forward pass during evaluation.')
     tensorboard: bool = _key(False, 'Also write every logged term, the learning rate and each evaluation as TensorBoard scalars under RUN/tensorboard/ (needs the tensorboard package).')
@@ -107,7 +108,7 @@ KEYS = tuple(SCHEMA)
 ADDED_KEYS_AS_BEFORE = {"teacher_cache": False, "precision": "fp32"}
 
 # Keys that may change when a run is resumed (they do not change what is computed).
-RESUMABLE_CHANGES = {"device", "log_every", "eval_batch_size", "description", "keep_last", "tensorboard"}
+RESUMABLE_CHANGES = {"device", "log_every", "eval_batch_size", "description", "keep_last", "keep_best_only", "tensorboard"}
 
 
 def defaults() -> dict[str, Any]:

@@ -152,6 +152,8 @@ class Training:
             self.reporter.finish()
         if self.dist.main:
             run_dir.mark_finished(self.out)
+            if self.r.keep_best_only:
+                run_dir.drop_checkpoints(self.out)
         self.dist.barrier()
 
     # -- one optimizer step ----------------------------------------------------------------------

@@ -17,7 +17,9 @@ records of a run (step, best dev result, timing) and what resume restores.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -30,7 +32,7 @@ from ..io import checkpoint as ckpt
 from ..io import model_files
 from ..tensor import tensorize
 from .distributed import Dist
-from ..core.errors import CheckpointError, UsageError
+from ..core.errors import CheckpointError, OutputError, UsageError
 
 RUN_FILE = "run.json"
 RECIPE_FILE = "recipe.yaml"
@@ -44,11 +46,14 @@ STATE_VERSION = 1
 # ----------------------------------------------------------------------------------------------
 # Preparing and describing the directory
 # ----------------------------------------------------------------------------------------------
-def prepare(out: Path, resume: bool, force: bool, dist: Dist) -> None:
-    """Check that ``out`` can be started (or resumed); --force deletes only a tdkd run directory."""
+def prepare(out: Path, resume: bool, force: bool, dist: Dist) -> str | None:
+    """Check that ``out`` can be started (or resumed); --force deletes only a tdkd run directory.
+    A run directory that holds no model yet (a start that failed before its first checkpoint) is
+    replaced without --force; returns a note saying so."""
     out = Path(out)
     if resume and force:
         raise UsageError("--resume and --force contradict each other (continue the run, or replace it?)")
+    note = None
     if out.exists():
         if not out.is_dir():
             raise UsageError(f"output {out} is a file; expected a run directory")
@@ -56,7 +61,9 @@ def prepare(out: Path, resume: bool, force: bool, dist: Dist) -> None:
         if resume:
             if not is_run:
                 raise UsageError(f"{out} is not a tdkd run directory (no {RUN_FILE}); nothing to resume")
-            return
+            return None
+        if not force and is_run and not holds_models(out):
+            force, note = True, f"replacing {out}: an earlier start stopped before its first checkpoint"
         if not force:
             raise UsageError(f"output {out} already exists; pass --resume to continue that run or --force to replace it")
         if not is_run and any(out.iterdir()):
@@ -69,6 +76,13 @@ def prepare(out: Path, resume: bool, force: bool, dist: Dist) -> None:
     parent = out.parent if str(out.parent) else Path(".")
     if not parent.is_dir():
         raise UsageError(f"parent directory {parent} of the output does not exist")
+    return note
+
+
+def holds_models(out: Path) -> bool:
+    """Whether a run directory has anything worth keeping: a checkpoint, best/ or members/."""
+    out = Path(out)
+    return bool(checkpoint_dirs(out)) or (out / "best").exists() or (out / MEMBERS_DIR).exists()
 
 
 def read_recipe(out: Path) -> dict:
@@ -87,11 +101,11 @@ def write_run_info(out: Path, info: dict, recipe_text: str, start_step: int) -> 
     clear a killed run's temporaries and metrics logged after the checkpoint resumed from."""
     run_json = json.dumps(info, indent=1) + "\n"
     if not out.exists():
-        with ckpt.atomic_dir(out) as tmp:
+        with ckpt.atomic_dir(out, what="run directory") as tmp:
             (tmp / RECIPE_FILE).write_text(recipe_text)
             (tmp / RUN_FILE).write_text(run_json)
     else:
-        ckpt.atomic_write_text(out / RUN_FILE, run_json)
+        ckpt.atomic_write_text(out / RUN_FILE, run_json, what="run info")
         _remove_stale_temporaries(out)
     _trim_metrics(out / METRICS_FILE, start_step)
 
@@ -99,13 +113,26 @@ def write_run_info(out: Path, info: dict, recipe_text: str, start_step: int) -> 
 def mark_finished(out: Path) -> None:
     info = json.loads((out / RUN_FILE).read_text())
     info["status"] = "finished"
-    ckpt.atomic_write_text(out / RUN_FILE, json.dumps(info, indent=1) + "\n")
+    ckpt.atomic_write_text(out / RUN_FILE, json.dumps(info, indent=1) + "\n", what="run info")
+
+
+def drop_checkpoints(out: Path) -> None:
+    """keep_best_only: a finished run keeps best/ (and members/, logs), not its full checkpoints."""
+    shutil.rmtree(Path(out) / "checkpoints", ignore_errors=True)
 
 
 def append_metrics(out: Path, rec: dict) -> None:
-    with open(Path(out) / METRICS_FILE, "a") as fh:
-        fh.write(json.dumps(rec) + "\n")
-        fh.flush()
+    """One record more in metrics.jsonl; a failed write is cut back off (no partial line stays)."""
+    path = Path(out) / METRICS_FILE
+    size = path.stat().st_size if path.exists() else 0
+    try:
+        with ckpt.writing("metrics", path), open(path, "a") as fh:
+            fh.write(json.dumps(rec) + "\n")
+            fh.flush()
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.truncate(path, size)
+        raise
 
 
 TENSORBOARD_DIR = "tensorboard"
@@ -130,7 +157,7 @@ def write_init_spectra(out: Path, model) -> None:
         with torch.no_grad():
             cores = [c.detach().cpu() for c in tensorize.layer_cores(modules[name])]
             layers[name] = [[round(float(v), 8) for v in sv] for sv in mpo.bond_spectra(cores)]
-    ckpt.atomic_write_text(Path(out) / SPECTRA_FILE, json.dumps({"step": 0, "layers": layers}) + "\n")
+    ckpt.atomic_write_text(Path(out) / SPECTRA_FILE, json.dumps({"step": 0, "layers": layers}) + "\n", what="bond spectra")
 
 
 class MetricsLog:
@@ -203,7 +230,66 @@ def _trim_metrics(path: Path, step: int) -> None:
             continue  # a line cut short by a kill
         if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] <= step:
             keep.append(line)
-    ckpt.atomic_write_text(path, "".join(k + "\n" for k in keep))
+    ckpt.atomic_write_text(path, "".join(k + "\n" for k in keep), what="metrics")
+
+
+# ----------------------------------------------------------------------------------------------
+# Disk space: what the run's outputs will take, checked before training
+# ----------------------------------------------------------------------------------------------
+def _tensors_bytes(state: dict) -> int:
+    """Bytes of a state dict in a safetensors file: the data plus a header entry per tensor."""
+    return sum(t.numel() * t.element_size() + 80 + len(k) for k, t in state.items())
+
+
+def checkpoint_bytes(model: nn.Module, optimizer: torch.optim.Optimizer, saved: dict[str, nn.Module],
+                     tok_dir: Path | None, world: int) -> tuple[int, int]:
+    """(one full checkpoint, one model-only directory such as best/), estimated from the state that
+    will be saved: the model's tensors (MPO cores, not the dense weights they make), AdamW's two
+    moments and step per trained parameter, connectors and scheme extras, RNG states, tokenizer
+    files and the JSON files."""
+    model_b = _tensors_bytes(model.state_dict())
+    tok_b = sum((Path(tok_dir) / f).stat().st_size for f in ckpt.TOKENIZER_FILES
+                if tok_dir is not None and (Path(tok_dir) / f).is_file())
+    params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
+    optim_b = sum(2 * p.numel() * p.element_size() + 4 + 3 * 100 for p in params)
+    extras_b = sum(_tensors_bytes(m.state_dict()) for m in saved.values())
+    rng_b = world * (torch.get_rng_state().numel() + 100)
+    json_b = 16 * 1024
+    model_dir = model_b + tok_b + json_b
+    return model_dir + optim_b + extras_b + rng_b, model_dir
+
+
+def disk_plan(out: Path, full: int, model_dir: int, keep_last: int, members: int = 0, cache: int = 0) -> dict:
+    """The run's peak disk use and the free space where it will write. Peak: keep_last full
+    checkpoints plus the one being written before the oldest is removed, best/ twice while it is
+    replaced, the members of an online scheme, and the teacher cache when it shares the file system."""
+    peak = (keep_last + 1) * full + 2 * model_dir + members * model_dir + cache
+    existing = sum(f.stat().st_size for f in Path(out).rglob("*") if f.is_file()) if Path(out).is_dir() else 0
+    return {"checkpoint_bytes": full, "best_bytes": model_dir, "peak_bytes": peak, "cache_bytes": cache,
+            "needed_bytes": max(0, peak - existing), "free_bytes": ckpt.free_bytes(out), "keep_last": keep_last}
+
+
+def check_space(out: Path, plan: dict) -> None:
+    """Stop before training when the run's outputs cannot fit (OutputError, exit 3)."""
+    if plan["free_bytes"] >= plan["needed_bytes"]:
+        return
+    h = ckpt.human_bytes
+    cache = f" + teacher cache {h(plan['cache_bytes'])}" if plan["cache_bytes"] else ""
+    raise OutputError(f"not enough disk space for run {out}: {h(plan['free_bytes'])} free, about {h(plan['needed_bytes'])} "
+                      f"needed (checkpoints of {h(plan['checkpoint_bytes'])} each: keep_last {plan['keep_last']} + 1 while the "
+                      f"next is written, best/ {h(plan['best_bytes'])} x 2{cache}); free space, lower it with --keep-last 1"
+                      f"{' or --no-teacher-cache' if cache else ''}, or write the run to a larger disk (-o)")
+
+
+def resume_hint(out: Path) -> str:
+    """What a run stopped by a write failure still has, and the command that continues it."""
+    found = latest_complete(out)
+    if found is None and not holds_models(out):
+        return "no checkpoint was written yet; after freeing space, run the same command again"
+    if found is None:
+        return f"no full checkpoint yet; after freeing space, continue with: tdkd distill -o {out} --resume (from step 0)"
+    return (f"last complete checkpoint: {found[0]} (step {found[1]['step']}); after freeing space, continue with: "
+            f"tdkd distill -o {out} --resume")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -289,7 +375,7 @@ def save_full(out: Path, step: int, model: nn.Module, source: dict, tok_dir: Pat
     connector weights as tensors, and ``state`` (the run's progress) with checksums."""
     path = out / "checkpoints" / f"step-{step:07d}"
     path.parent.mkdir(parents=True, exist_ok=True)
-    with ckpt.atomic_dir(path, force=True) as tmp:
+    with ckpt.atomic_dir(path, force=True, what="checkpoint") as tmp:
         model_files.write_model_files(tmp, model, source, tok_dir, n=n, extra={"trained_by": "tdkd distill", "step": step})
         tensors = dict(optimizer_tensors(optimizer))
         tensors.update(rng)
@@ -304,7 +390,7 @@ def save_full(out: Path, step: int, model: nn.Module, source: dict, tok_dir: Pat
 
 
 def save_best(out: Path, model: nn.Module, source: dict, tok_dir: Path | None, best: dict) -> None:
-    with ckpt.atomic_dir(out / "best", force=True) as tmp:
+    with ckpt.atomic_dir(out / "best", force=True, what="best model") as tmp:
         model_files.write_model_files(tmp, model, source, tok_dir, n=None,
                                       extra={"trained_by": "tdkd distill", "step": best["step"], "best": best})
 
@@ -315,7 +401,7 @@ MEMBERS_DIR = "members"
 def save_member(out: Path, name: str, model: nn.Module, source: dict, tok_dir: Path | None, step: int) -> None:
     """members/NAME/: one member of an online scheme (a DML peer, a ONE branch) as model files."""
     (out / MEMBERS_DIR).mkdir(exist_ok=True)
-    with ckpt.atomic_dir(out / MEMBERS_DIR / name, force=True) as tmp:
+    with ckpt.atomic_dir(out / MEMBERS_DIR / name, force=True, what="member model") as tmp:
         model_files.write_model_files(tmp, model, source, tok_dir, n=None,
                                       extra={"trained_by": "tdkd distill", "step": step, "member": name})
 

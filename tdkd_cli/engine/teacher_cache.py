@@ -14,7 +14,10 @@ run reads the same bits). A run without the cache recomputes each epoch's batch,
 and padding differ: the two agree to float rounding (~1e-7 relative), bitwise when batches repeat.
 
 Storage: ``$TDKD_CACHE/teacher-outputs/<key>.safetensors`` (tensors ``logits``, ``feature.<path>``
-and the ``filled`` mask), written at every full checkpoint and when the last example is filled.
+and the ``filled`` mask), written at every full checkpoint and when the last example is filled,
+with tdkd's cache format version, its key and a checksum of its tensors (io/caches.py): a file
+that does not match (damaged, truncated, another version or key, rows for another data set) is
+reported, deleted and rebuilt from the teacher, never read.
 The key hashes the teacher's weights and architecture, the training inputs as fed to it (token ids
 after tokenization and truncation to max_length; image files and their resize/normalisation), the
 batch plan (seed, batch size), the cached feature paths and the precision, so changed inputs never
@@ -30,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from ..io import caches
 from ..io import checkpoint as ckpt
 from ..methods.loss_terms import Outputs
 
@@ -44,6 +48,7 @@ class TeacherCache:
         self.filled = torch.zeros(n, dtype=torch.bool)
         self.store: dict[str, torch.Tensor] = {}
         self.off_reason: str | None = None
+        self.problem: str | None = None  # why an existing cache file could not be used
         self.dirty = False
 
     @property
@@ -84,22 +89,24 @@ class TeacherCache:
         """Write the cache file (atomically) when something new was filled since the last write."""
         if self.path is None or not self.dirty or not self.on:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         tensors = dict(self.store, filled=self.filled.to(torch.uint8))
-        ckpt.save_tensors(tensors, self.path, metadata={"format": FORMAT})
+        caches.write(self.path, tensors, "teacher-outputs", self.path.stem, "teacher cache")
         self.dirty = False
 
     def load(self) -> int:
         """Read the cache file if it exists and fits this run; returns the examples it holds."""
-        if self.path is None or not self.path.is_file():
+        if self.path is None:
             return 0
-        try:
-            tensors = ckpt.load_tensors(self.path)
-        except Exception:  # an unreadable cache file is ignored (and rewritten), never fatal
-            return 0
-        filled = tensors.pop("filled", None)
-        if filled is None or tuple(filled.shape) != (self.n,) or "logits" not in tensors or \
-                any(t.dim() < 1 or t.shape[0] != self.n for t in tensors.values()):
+        tensors, why = caches.read(self.path, "teacher-outputs", self.path.stem)
+        if tensors is not None:
+            filled = tensors.pop("filled", None)
+            if filled is None or tuple(filled.shape) != (self.n,) or "logits" not in tensors or \
+                    any(t.dim() < 1 or t.shape[0] != self.n for t in tensors.values()):
+                tensors, why = None, f"its rows do not fit this run's {self.n} examples"
+        if tensors is None:
+            if why:
+                self.problem = why
+                caches.discard(self.path)
             return 0
         self.store, self.filled = tensors, filled.to(torch.bool)
         return int(self.filled.sum())
@@ -200,6 +207,8 @@ def setup(r, pair, ds, batches, world: int, t_paths: list[str], needs: frozenset
         path = cache_dir() / f"{key}.safetensors"
     cache = TeacherCache(batches.n_train, path, text, r.teacher_cache_mb * 2**20)
     held = cache.load()
+    if cache.problem:
+        reporter.info(f"teacher cache {path}: {cache.problem}; rebuilding it from the teacher")
     where = f" ({path})" if path else ""
     reporter.info(f"teacher cache: on, {held} of {batches.n_train} examples cached{where}")
     return cache

@@ -28,14 +28,15 @@ import torch
 from torch import nn
 
 from ..core.version import __version__
-from . import distributed, optim, run_dir, training_data
+from . import distributed, optim, run_dir, teacher_cache, training_data
+from ..io import checkpoint as ckpt
 from ..methods import loss_terms, registry as methods
 from ..methods.schemes import online
 from ..io import pair as pair_mod
 from ..core import recipe as recipe_mod
 from ..tensor import tensorize
 from .distributed import Dist
-from ..core.errors import UsageError
+from ..core.errors import OutputError, UsageError
 from ..methods.features import FeatureTap
 from .loop import Training
 from ..core.reporting import Reporter
@@ -50,7 +51,8 @@ __all__ = ["run", "Reporter", "Progress"]
 # ----------------------------------------------------------------------------------------------
 # Setup steps
 # ----------------------------------------------------------------------------------------------
-def _setup_recipe(r: Recipe, out: Path, resume: bool, force: bool, explicit: set[str]) -> tuple[Recipe, str, Dist]:
+def _setup_recipe(r: Recipe, out: Path, resume: bool, force: bool, explicit: set[str],
+                  reporter: Reporter) -> tuple[Recipe, str, Dist]:
     if not resume:
         recipe_mod.check_ranges(r)
         methods.parse_all(r.methods)  # a bad method spec is a usage error before anything happens
@@ -59,7 +61,9 @@ def _setup_recipe(r: Recipe, out: Path, resume: bool, force: bool, explicit: set
     device, dist = distributed.setup(r.device)
     if not resume:
         online.check(r, dist.world)
-    run_dir.prepare(out, resume, force, dist)
+    note = run_dir.prepare(out, resume, force, dist)
+    if note and dist.main:
+        reporter.info(note)
     if resume:
         r = recipe_mod.for_resume(run_dir.read_recipe(out), r, explicit, f"{out}/{run_dir.RECIPE_FILE}")
         online.check(r, dist.world)
@@ -154,11 +158,14 @@ def run(r: Recipe, out: Path, *, resume: bool = False, force: bool = False, repo
     """Train. ``explicit`` names the keys the user set (recipe file or command line): with
     ``resume`` those must agree with the run's stored recipe. Returns the summary on the main
     process (None on the others)."""
-    training, notes = prepare(r, out, resume=resume, force=force, reporter=reporter, argv=argv, explicit=explicit)
-    training.train()
+    try:
+        training, notes = prepare(r, out, resume=resume, force=force, reporter=reporter, argv=argv, explicit=explicit)
+        training.train()
+    except OutputError as exc:  # a write failed: say what the run still has and how to continue it
+        raise OutputError(f"{exc}; {run_dir.resume_hint(Path(out))}") from None
     if not training.dist.main:
         return None
-    return dict(_summary(training, training.pair, training.ds, training.batches), connectors=notes)
+    return dict(_summary(training, training.pair, training.ds, training.batches), connectors=notes, disk=training.disk)
 
 
 def prepare(r: Recipe, out: Path, *, resume: bool = False, force: bool = False, reporter: Reporter | None = None,
@@ -167,16 +174,17 @@ def prepare(r: Recipe, out: Path, *, resume: bool = False, force: bool = False, 
     directory written) and the connector notes for the summary."""
     reporter = reporter or Reporter()
     out = Path(out)
-    r, device, dist = _setup_recipe(r, out, resume, force, set(recipe_mod.KEYS) if explicit is None else set(explicit))
+    r, device, dist = _setup_recipe(r, out, resume, force, set(recipe_mod.KEYS) if explicit is None else set(explicit),
+                                    reporter)
     if not dist.main:
         reporter = Reporter()
     torch.manual_seed(r.seed)
-    ds = training_data.load(r)
+    ds = training_data.load(r, reporter.info)
     _check_teacher_needs(r)
     pair = pair_mod.setup(r, ds.num_labels, reporter, cut=online.successor_cut(r))
     tok_dir = pair.tokenizer_dir(r.tokenizer) if ds.kind == "text" else None
     vocab = int(getattr(getattr(pair.student.model, "config", None), "vocab_size", 0))
-    batches = training_data.prepare(ds, r, tok_dir, vocab, dist)
+    batches = training_data.prepare(ds, r, tok_dir, vocab, dist, reporter.info)
     total = batches.total_steps(r.epochs, r.max_steps)
     scheme = online.setup(r, pair, ds.num_labels, reporter, lambda: batches.batch(batches.indices(0, 0), pair.student.model, "cpu"))
     model = pair.student.model
@@ -184,17 +192,48 @@ def prepare(r: Recipe, out: Path, *, resume: bool = False, force: bool = False, 
     bound = _setup_methods(pair, r, batches, device)
     connectors.update(bound.connectors)
     optimizer, base_lrs = optim.setup(model, connectors, r, tuple(scheme.extras.values()))
+    disk = _check_disk(out, r, model, optimizer, {**connectors, **scheme.extras}, tok_dir, dist, ds, batches, pair, scheme)
+    reporter.info(_disk_line(disk))
     fwd_model = _wrap_ddp(model, dist, device)
     progress = Progress(r.seed, dist.world, total, batches.steps_per_epoch, ds.metric)
     _setup_progress(out, resume, progress, model, optimizer, {**connectors, **scheme.extras}, dist, device, r.seed, reporter)
     training = Training(r, out, dist, device, reporter, ds, pair, batches, fwd_model, connectors, optimizer, base_lrs,
                         total, progress, tok_dir, bound.terms, scheme)  # checks the module paths loss terms read: before anything is written
+    training.disk = disk
     if dist.main:
         run_dir.write_run_info(out, _run_info(dist, device, argv, total, ds, pair, scheme), recipe_mod.dump(r), progress.step)
         if progress.step == 0:
             run_dir.write_init_spectra(out, model)
     dist.barrier()
     return training, bound.notes
+
+
+def _check_disk(out: Path, r: Recipe, model, optimizer, saved: dict, tok_dir, dist: Dist, ds, batches, pair: Pair,
+                scheme: Scheme) -> dict:
+    """The run's disk plan (run_dir.disk_plan), refused before anything is written when it cannot fit."""
+    full, model_dir = run_dir.checkpoint_bytes(model, optimizer, saved, tok_dir, dist.world)
+    cache = 0
+    if r.teacher_cache and pair.teacher is not None and dist.world == 1 and _same_disk(out, teacher_cache.cache_dir()):
+        cache = batches.n_train * (ds.num_labels * 4 + 1)  # logits (features, when cached, come on top)
+    plan = run_dir.disk_plan(out, full, model_dir, r.keep_last, len(scheme.members()), cache)
+    if dist.main:
+        run_dir.check_space(out, plan)
+    return plan
+
+
+def _same_disk(a: Path, b: Path) -> bool:
+    def device(p: Path) -> int:
+        p = Path(p).resolve()
+        while not p.exists() and p != p.parent:
+            p = p.parent
+        return p.stat().st_dev
+    return device(a) == device(b)
+
+
+def _disk_line(plan: dict) -> str:
+    h = ckpt.human_bytes
+    return (f"disk: a checkpoint takes about {h(plan['checkpoint_bytes'])}, the run at most about {h(plan['peak_bytes'])} "
+            f"(keep_last {plan['keep_last']}); {h(plan['free_bytes'])} free")
 
 
 def _run_info(dist: Dist, device: str, argv, total: int, ds, pair: Pair, scheme: Scheme) -> dict:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -39,9 +39,10 @@ class Dataset:
         return self.task.metrics[0] if self.kind == "text" else "top1"
 
 
-def load(r: Recipe) -> Dataset:
-    """The train and dev splits named by the recipe (dev None with dev_split 'none')."""
-    path, builtin_task = data_mod.resolve_data(r.data)
+def load(r: Recipe, note: Callable[[str], None] | None = None) -> Dataset:
+    """The train and dev splits named by the recipe (dev None with dev_split 'none'); ``note``
+    hears of a damaged cached data set being rebuilt."""
+    path, builtin_task = data_mod.resolve_data(r.data, note)
     if not path.exists():
         raise UsageError(f"data {path} not found")
     if data_mod.is_image_folder(path) or (path / r.train_split).is_dir() and data_mod.is_image_folder(path / r.train_split):
@@ -67,6 +68,7 @@ def _load_images(r: Recipe, path: Path) -> Dataset:
         train.files, train.labels = train.files[:r.train_limit], train.labels[:r.train_limit]
     if dev is not None and r.dev_limit:
         dev.files, dev.labels = dev.files[:r.dev_limit], dev.labels[:r.dev_limit]
+    data_mod.check_images(train.files + (dev.files if dev is not None else []))
     return Dataset("images", train, dev, None, list(train.classes), path=path)
 
 
@@ -112,7 +114,8 @@ class Batches:
         return max_steps or max(1, math.ceil(epochs * self.steps_per_epoch))
 
 
-def prepare(ds: Dataset, r: Recipe, tok_dir: Path | None, vocab_size: int, dist: Dist) -> Batches:
+def prepare(ds: Dataset, r: Recipe, tok_dir: Path | None, vocab_size: int, dist: Dist,
+            note: Callable[[str], None] | None = None) -> Batches:
     """Tokenize the text splits once (cached) and count the optimizer steps of an epoch."""
     b = Batches(ds, r.batch_size, r.grad_accum, r.seed, dist)
     if ds.kind == "text":
@@ -121,8 +124,8 @@ def prepare(ds: Dataset, r: Recipe, tok_dir: Path | None, vocab_size: int, dist:
         tok = models.load_tokenizer(tok_dir)
         if len(tok) > vocab_size:
             raise UsageError(f"tokenizer in {tok_dir} has {len(tok)} tokens but the model's vocabulary has {vocab_size}")
-        b.enc_train = data_mod.encode(ds.train, tok, r.max_length, tok_dir)
-        b.enc_dev = data_mod.encode(ds.dev, tok, r.max_length, tok_dir) if ds.dev is not None else None
+        b.enc_train = data_mod.encode(ds.train, tok, r.max_length, tok_dir, note=note)
+        b.enc_dev = data_mod.encode(ds.dev, tok, r.max_length, tok_dir, note=note) if ds.dev is not None else None
     per_step = r.grad_accum * dist.world
     b.steps_per_epoch = len(b.epoch_batches(0)) // per_step
     if b.steps_per_epoch < 1:

@@ -15,16 +15,18 @@ crash never leaves a half-written checkpoint under the final name.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-from ..core.errors import CheckpointError, UsageError
+from ..core.errors import CheckpointError, OutputError, TdkdError, UsageError
 
 FORMAT = "tdkd-mpo"
 FORMAT_VERSION = 1
@@ -46,6 +48,59 @@ _DTYPES = ("float32", "float16", "bfloat16", "float64")
 
 def core_key(layer: str, k: int) -> str:
     return f"{layer}.mpo_core.{k}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Write failures: one line naming what, where and the operating system's reason
+# ----------------------------------------------------------------------------------------------
+_REASONS = {errno.ENOSPC: "no space left on device", errno.EROFS: "read-only file system",
+            errno.EACCES: "permission denied", errno.EPERM: "operation not permitted",
+            errno.EDQUOT: "disk quota exceeded", errno.EIO: "input/output error", errno.EFBIG: "file too large"}
+
+
+def io_reason(exc: BaseException) -> str | None:
+    """The operating system's reason when ``exc`` is a failed write (an OSError, or a library's
+    error that wraps one, as safetensors' "I/O error: ... (os error 28)"); None otherwise."""
+    if isinstance(exc, TdkdError):
+        return None
+    code = exc.errno if isinstance(exc, OSError) else None
+    if code is None:
+        m = re.search(r"os error (\d+)", str(exc))
+        code = int(m.group(1)) if m else None
+    return _REASONS.get(code)  # other failures (a missing input, a bug) are not write failures
+
+
+def as_output_error(exc: BaseException, what: str, path) -> OutputError | None:
+    reason = io_reason(exc)
+    return None if reason is None else OutputError(f"cannot write {what} {path}: {reason}")
+
+
+@contextlib.contextmanager
+def writing(what: str, path) -> Iterator[None]:
+    """Turn a failed write inside the block into an OutputError naming ``what`` and ``path``."""
+    try:
+        yield
+    except Exception as exc:
+        err = as_output_error(exc, what, path)
+        if err is None:
+            raise
+        raise err from None
+
+
+def free_bytes(path: Path) -> int:
+    """Free space of the file system that holds ``path`` (its nearest existing ancestor)."""
+    p = Path(path).resolve()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return shutil.disk_usage(p).free
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000.0
+    return f"{n:.1f} TB"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -74,12 +129,14 @@ def _fsync_tree(root: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_dir(path: Path, force: bool = False) -> Iterator[Path]:
+def atomic_dir(path: Path, force: bool = False, what: str = "output") -> Iterator[Path]:
     """Yield a temporary directory beside ``path``; on success it replaces ``path`` in one rename.
-    On any failure it is removed and an existing ``path`` is left untouched."""
+    On any failure it is removed and an existing ``path`` is left untouched; a failed write (no
+    space, read-only, permission) becomes an OutputError naming ``what`` and ``path``."""
     path = Path(path)
     check_output(path, force)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent if str(path.parent) else "."))
+    with writing(what, path):
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent if str(path.parent) else "."))
     try:
         yield tmp
         _fsync_tree(tmp)
@@ -90,24 +147,43 @@ def atomic_dir(path: Path, force: bool = False) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        err = as_output_error(exc, what, path) if isinstance(exc, Exception) else None
+        if err is None:
+            raise
+        raise err from None
 
 
-def atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path: Path, text: str, what: str = "file") -> None:
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent if str(path.parent) else ".")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    with writing(what, path):
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent if str(path.parent) else ".")
+        try:
+            with os.fdopen(fd, "w") as fh:
+                fh.write(text)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+
+
+def atomic_save_tensors(tensors: dict, path: Path, metadata: dict[str, str] | None = None, what: str = "file") -> None:
+    """``save_tensors`` to a temporary sibling, then renamed over ``path`` (nothing partial on failure)."""
+    path = Path(path)
+    with writing(what, path):
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent if str(path.parent) else ".")
+        os.close(fd)
+        try:
+            save_tensors(tensors, Path(tmp), metadata=metadata)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
 
 
 def sha256_file(path: Path) -> str:

@@ -12,9 +12,9 @@ import os
 import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
-from . import hf_data
+from . import caches, hf_data
 from ..core.errors import UsageError
 
 csv.field_size_limit(10 * 1024 * 1024)
@@ -54,36 +54,34 @@ TASK_ALIASES = {"sst-2": "sst2", "sts-b": "stsb", "glue/sst-2": "sst2"}
 BUILTIN_DATA = {"sst2-sample": "sst2", "digits": None}
 
 
-def resolve_data(spec: str) -> tuple[Path, str | None]:
-    """A data path, or ``builtin:NAME`` for a data set shipped with tdkd: (path, its task or None)."""
+def resolve_data(spec: str, note: Callable[[str], None] | None = None) -> tuple[Path, str | None]:
+    """A data path, or ``builtin:NAME`` for a data set shipped with tdkd: (path, its task or None).
+    ``note`` hears of a damaged cached data set being rebuilt."""
     if str(spec).startswith("builtin:"):
         name = str(spec).split(":", 1)[1]
         if name not in BUILTIN_DATA:
             raise UsageError(f"unknown built-in data set {name!r} (known: {', '.join('builtin:' + k for k in BUILTIN_DATA)})")
         if name == "digits":
-            return digits_folder(cache_root() / "digits-v1"), None
+            return digits_folder(cache_root() / "digits-v1", note), None
         return Path(__file__).resolve().parent.parent / "data" / name, BUILTIN_DATA[name]
     return Path(spec).expanduser(), None
 
 
-def digits_folder(path: Path) -> Path:
+def digits_folder(path: Path, note: Callable[[str], None] | None = None) -> Path:
     """scikit-learn's bundled handwritten digits (1,797 real 8x8 scans, 10 classes) as an image
-    folder PATH/{train,dev}/CLASS/i.png, made once (atomically); every fifth image is in dev."""
-    from .checkpoint import atomic_dir
+    folder PATH/{train,dev}/CLASS/i.png, made once (atomically, sealed with a digest, rebuilt when
+    damaged: io/caches.py); every fifth image is in dev."""
+    def build(tmp: Path) -> None:
+        from PIL import Image
+        from sklearn.datasets import load_digits
 
-    if (path / "train").is_dir() and (path / "dev").is_dir():
-        return path
-    from PIL import Image
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_dir(path, force=True) as tmp:
+        digits = load_digits()
         for i, (image, label) in enumerate(zip(digits.images, digits.target)):
             cls = tmp / ("dev" if i % 5 == 0 else "train") / str(int(label))
             cls.mkdir(parents=True, exist_ok=True)
             Image.fromarray((image * 255 / 16).astype("uint8")).convert("RGB").save(cls / f"{i:04d}.png")
-    return path
+
+    return caches.ensure_folder(path, "digits", build, note or caches.stderr_note)
 
 
 def get_task(name: str) -> Task:
@@ -292,6 +290,19 @@ def load_images(path: Path, split: str | None = None) -> ImageData:
     return ImageData(files, labels, classes, root)
 
 
+def check_images(files: Sequence[Path]) -> None:
+    """Every file opens as an image and passes PIL's integrity check (header and, for PNG, the
+    chunk checksums): a file that cannot be decoded is found before a run writes anything."""
+    from PIL import Image, UnidentifiedImageError
+
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                im.verify()
+        except (OSError, UnidentifiedImageError, SyntaxError, ValueError):
+            raise UsageError(f"cannot decode image {f}: not an image file, or a damaged one") from None
+
+
 def image_tensor(files: Sequence[Path], size: tuple[int, int], mean, std):
     """Decode with PIL, resize, normalise: a float tensor (B, 3, H, W)."""
     import numpy as np
@@ -363,48 +374,54 @@ def _cache_key(text: TextData, tokenizer_dir: Path | None, max_length: int) -> s
     return h.hexdigest()[:32]
 
 
-def encode(text: TextData, tokenizer, max_length: int, tokenizer_dir: Path | None = None, use_cache: bool = True) -> Encoded:
+def encode(text: TextData, tokenizer, max_length: int, tokenizer_dir: Path | None = None, use_cache: bool = True,
+           note: Callable[[str], None] | None = None) -> Encoded:
     """Tokenize every example once; reuse a cached result (safetensors, keyed by the examples, the
-    tokenizer files and max_length) when one exists."""
-    import torch
-
-    from . import checkpoint as ckpt
-
+    tokenizer files and max_length, checked by io/caches.py) when one exists and is whole; a damaged
+    one is reported to ``note`` and rebuilt."""
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     key = _cache_key(text, tokenizer_dir, max_length) if use_cache else None
     cache = _cache_dir() / f"{key}.safetensors" if key else None
-    if cache is not None and cache.is_file():
-        try:
-            t = ckpt.load_tensors(cache)
-            offsets = t["offsets"].tolist()
-            ids = t["ids"].tolist()
-            types = t["types"].tolist() if "types" in t else None
-            input_ids = [ids[offsets[i]:offsets[i + 1]] for i in range(len(offsets) - 1)]
-            type_ids = [types[offsets[i]:offsets[i + 1]] for i in range(len(offsets) - 1)] if types is not None else None
-            if len(input_ids) == len(text):
-                return Encoded(input_ids, type_ids, list(text.labels), pad_id)
-        except Exception:  # a damaged cache entry is rebuilt, never trusted
-            pass
+    if cache is not None:
+        cached = _read_tokens(cache, key, len(text), note or caches.stderr_note)
+        if cached is not None:
+            return Encoded(*cached, list(text.labels), pad_id)
     cols = list(zip(*text.texts))
     enc = tokenizer(*[list(c) for c in cols], truncation=True, max_length=max_length)
     input_ids = [list(x) for x in enc["input_ids"]]
     type_ids = [list(x) for x in enc["token_type_ids"]] if "token_type_ids" in enc else None
     if cache is not None:
-        try:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            offsets = [0]
-            for x in input_ids:
-                offsets.append(offsets[-1] + len(x))
-            tensors = {"ids": torch.tensor([v for x in input_ids for v in x], dtype=torch.int32),
-                       "offsets": torch.tensor(offsets, dtype=torch.int64)}
-            if type_ids is not None:
-                tensors["types"] = torch.tensor([v for x in type_ids for v in x], dtype=torch.int8)
-            tmp = cache.with_name(f".{cache.name}.tmp-{os.getpid()}")
-            ckpt.save_tensors(tensors, tmp)
-            os.replace(tmp, cache)
-        except OSError:
-            pass  # caching is an optimisation; a read-only cache directory is not an error
+        _write_tokens(cache, key, input_ids, type_ids)
     return Encoded(input_ids, type_ids, list(text.labels), pad_id)
+
+
+def _read_tokens(cache: Path, key: str, n: int, note: Callable[[str], None]):
+    t, why = caches.read(cache, "tokens", key)
+    if t is not None and ("ids" not in t or "offsets" not in t or t["offsets"].numel() != n + 1):
+        t, why = None, f"holds {t['offsets'].numel() - 1 if 'offsets' in t else 0} examples, the data has {n}"
+    if t is None:
+        if why:
+            note(f"token cache {cache}: {why}; tokenizing again")
+            caches.discard(cache)
+        return None
+    offsets, ids = t["offsets"].tolist(), t["ids"].tolist()
+    types = t["types"].tolist() if "types" in t else None
+    input_ids = [ids[offsets[i]:offsets[i + 1]] for i in range(n)]
+    type_ids = [types[offsets[i]:offsets[i + 1]] for i in range(n)] if types is not None else None
+    return input_ids, type_ids
+
+
+def _write_tokens(cache: Path, key: str, input_ids: list, type_ids: list | None) -> None:
+    import torch
+
+    offsets = [0]
+    for x in input_ids:
+        offsets.append(offsets[-1] + len(x))
+    tensors = {"ids": torch.tensor([v for x in input_ids for v in x], dtype=torch.int32),
+               "offsets": torch.tensor(offsets, dtype=torch.int64)}
+    if type_ids is not None:
+        tensors["types"] = torch.tensor([v for x in type_ids for v in x], dtype=torch.int8)
+    caches.write(cache, tensors, "tokens", key, "token cache")
 
 
 def collate(enc: Encoded, idx: Sequence[int], device: str = "cpu") -> dict:

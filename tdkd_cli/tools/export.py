@@ -83,7 +83,7 @@ def export_onnx(spec: str, out: Path, *, tolerance: float = 1e-4, force: bool = 
     dynamic["logits"] = {0: "batch"}
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
-        with warnings.catch_warnings(), torch.no_grad():
+        with ckpt.writing("ONNX file", out), warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
             torch.onnx.export(wrapper, tuple(example.values()), str(tmp), input_names=list(names), output_names=["logits"],
                               dynamic_axes=dynamic, opset_version=OPSET, dynamo=False)
@@ -91,7 +91,8 @@ def export_onnx(spec: str, out: Path, *, tolerance: float = 1e-4, force: bool = 
         if diff > tolerance:
             raise VerificationError(f"ONNX export of {spec} does not match PyTorch: max |diff| / max |logit| = {diff:.2e} "
                                     f"(tolerance {tolerance:g}); nothing written")
-        os.replace(tmp, out)
+        with ckpt.writing("ONNX file", out):
+            os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
     return {"model": spec, "output": str(out), "format": "onnx", "opset": OPSET, "inputs": list(names),

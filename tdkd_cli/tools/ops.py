@@ -80,7 +80,7 @@ def decompose_model(
     mpo_out = models.forward_output(model, loaded.family, probe)
     logit_diff = float((mpo_out.double() - ref_out.double()).abs().max())
 
-    with ckpt.atomic_dir(out, force=force) as tmp:
+    with ckpt.atomic_dir(out, force=force, what="decomposed model") as tmp:
         tokenizer = write_model_files(tmp, model, loaded.source, loaded.tokenizer_dir, n=n, rank=rank)
     return {
         "model": spec, "output": str(out), "family": loaded.family, "n": n, "rank": rank,
@@ -138,7 +138,7 @@ def merge_checkpoint(src: Path, out: Path, *, tolerance: float = 1e-4, force: bo
     mpo_params = model_param_count(model)
     merged = merge_model(model, family, probe, tolerance)
     dense_params = model_param_count(model)
-    with ckpt.atomic_dir(out, force=force) as tmp:
+    with ckpt.atomic_dir(out, force=force, what="merged model") as tmp:
         models.save_dense(model, family, loaded.source, tmp, loaded.tokenizer_dir)
         reloaded = models.load_dense_dir(tmp)
         diff = _compare(models.forward_output(reloaded.model, family, probe), merged["mpo_out"], tolerance,

@@ -33,7 +33,7 @@ def write(paths: list[Path], out: Path, force: bool = False) -> dict:
     matplotlib.use("Agg")
     from . import report_figures as figs
 
-    with ckpt.atomic_dir(Path(out), force=force) as tmp:
+    with ckpt.atomic_dir(Path(out), force=force, what="report") as tmp:
         written = [figs.losses(runs, tmp / "losses.png")]
         if any(r.evals for r in runs):
             written.append(figs.dev(runs, seed_groups(runs), tmp / "dev.png"))
