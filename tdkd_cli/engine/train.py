@@ -119,7 +119,8 @@ def _setup_methods(pair: Pair, r: Recipe, batches: training_data.Batches, device
             model.train(was_training)
         return shapes[0], shapes[1]
 
-    bound = methods.bind(r.methods, pair.student.model, pair.teacher.model, pair.layer_map, probe, r.seed)
+    bound = methods.bind(r.methods, pair.student.model, pair.teacher.model, pair.layer_map, probe, r.seed,
+                         n_examples=batches.n_train, batch_size=len(batches.indices(0, 0)))
     for module in bound.connectors.values():
         module.to(device).train()
     return bound

@@ -103,12 +103,15 @@ class Batches:
         return self._epoch[1][(j * self.grad_accum + micro) * self.dist.world + self.dist.rank]
 
     def batch(self, idx: list[int], model, device: str) -> dict:
+        """The model inputs and labels of examples ``idx``, and their ``index`` in the training set
+        (methods with a row per example read it: CRD's memory banks)."""
+        index = torch.tensor(idx, dtype=torch.long, device=device)
         if self.ds.kind == "text":
-            return data_mod.collate(self.enc_train, idx, device)
+            return dict(data_mod.collate(self.enc_train, idx, device), index=index)
         size, mean, std = models.image_norm(model)
         x = data_mod.image_tensor([self.ds.train.files[i] for i in idx], size, mean, std)
         y = torch.tensor([self.ds.train.labels[i] for i in idx], dtype=torch.long)
-        return {"x": x.to(device), "labels": y.to(device)}
+        return {"x": x.to(device), "labels": y.to(device), "index": index}
 
     def total_steps(self, epochs: float, max_steps: int | None) -> int:
         return max_steps or max(1, math.ceil(epochs * self.steps_per_epoch))

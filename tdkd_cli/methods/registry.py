@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from . import loss_terms
+from . import connectors, contrastive, loss_terms
 from . import method_losses as ml
 from ..core.errors import UsageError
 
@@ -36,7 +36,7 @@ Shape = tuple
 @dataclass(frozen=True)
 class Method:
     name: str
-    kind: str  # response | feature | relation
+    kind: str  # response | feature | relation | contrastive
     paper: str
     options: dict  # option -> (default, help); every method also takes weight
     # response methods: (student Outputs, teacher Outputs, batch, options) -> scalar
@@ -46,6 +46,9 @@ class Method:
     features: bool = False  # reads module outputs named by student= / teacher=
     check: Callable[[Shape, Shape], str | None] | None = None  # why a pair of feature shapes cannot be compared
     connector: Callable[[Shape, Shape], nn.Module | None] | None = None  # built when the shapes need one
+    # a module with state of its own (heads, memory banks): (student shape, teacher shape, options,
+    # training examples, seed) -> module; trained and saved like a connector, dropped at merge
+    state: Callable[[Shape, Shape, dict, int, int], nn.Module] | None = None
 
 
 def _response(fn, *keys):
@@ -63,7 +66,8 @@ def _token_mask(feat: torch.Tensor, batch: dict) -> torch.Tensor | None:
 
 def _fitnet(sf, tf, batch, o, conn):
     s = sf[0] if conn is None else apply_connector(conn, sf[0])
-    return ml.fitnet_loss(s, tf[0], _token_mask(tf[0], batch))
+    t = conn.teacher_view(tf[0]) if isinstance(conn, connectors.LayoutConnector) else tf[0]
+    return ml.fitnet_loss(s, t, _token_mask(t, batch))
 
 
 def apply_connector(conn: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -71,8 +75,10 @@ def apply_connector(conn: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def _fitnet_check(s: Shape, t: Shape) -> str | None:
+    if {len(s), len(t)} == {3, 4}:  # a CNN and a ViT: layouts are brought together (connectors.py)
+        return connectors.layout_check(s, t)
     if len(s) != len(t) or len(s) not in (2, 3, 4):
-        return "FitNets compares vectors, token features or feature maps of the same rank"
+        return "FitNets compares vectors, token features or feature maps of the same rank (or tokens with maps)"
     if len(s) == 4 and s[2:] != t[2:]:
         return "feature maps of FitNets need the same height and width"
     if len(s) == 3 and s[1] != t[1]:
@@ -81,6 +87,8 @@ def _fitnet_check(s: Shape, t: Shape) -> str | None:
 
 
 def linear_connector(s: Shape, t: Shape) -> nn.Module | None:
+    if len(s) != len(t):
+        return connectors.LayoutConnector(s, t)
     if len(s) == 4:
         return nn.Conv2d(s[1], t[1], kernel_size=1) if s[1] != t[1] else None
     return nn.Linear(s[-1], t[-1]) if s[-1] != t[-1] else None
@@ -138,6 +146,15 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            dict(FEATURE_PATHS, distance_weight=(25.0, "weight of the distance-wise potential"),
                 angle_weight=(50.0, "weight of the angle-wise potential")),
            _pairwise(ml.rkd_loss, "distance_weight", "angle_weight"), features=True),
+    Method("crd", "contrastive", "Contrastive representation distillation, Tian et al., ICLR 2020",
+           dict(student=(None, "student module(s) whose output is embedded (CNN map: pooled; tokens: the first)"),
+                teacher=(None, "teacher module(s) paired with them"),
+                feat_dim=(128.0, "embedding width of both heads"),
+                nce_k=(1024.0, "negatives per example (the paper: 16,384); must be below the training examples"),
+                temperature=(0.07, "temperature T of the NCE scores"),
+                momentum=(0.5, "momentum of the memory-bank update")),
+           lambda sf, tf, batch, o, crd: crd(sf[0], tf[0], batch["index"]), features=True, check=contrastive.check,
+           state=contrastive.build),
     Method("cc", "relation", "Correlation congruence, Peng et al., ICCV 2019",
            dict(FEATURE_PATHS, gamma=(0.4, "Gaussian kernel width gamma"), order=(2.0, "order P of the kernel's Taylor series")),
            _pairwise(ml.cc_loss, "gamma", "order"), features=True),
@@ -196,7 +213,7 @@ def parse(spec: str) -> Spec:
             opts[key] = number
     if "temperature" in opts and opts["temperature"] <= 0:
         raise UsageError(f"method {spec!r}: temperature must be positive")
-    for key in ("heads", "order", "peers", "branches", "layers", "group"):
+    for key in ("heads", "order", "peers", "branches", "layers", "group", "feat_dim", "nce_k"):
         if key in opts and opts[key] != int(opts[key]):
             raise UsageError(f"method {spec!r}: {key} must be a whole number (got {opts[key]:g})")
     missing = [k for k in ("student", "teacher") if method.features and not opts.get(k)]
@@ -299,10 +316,12 @@ class Bound:
 
 
 def bind(specs, student: nn.Module, teacher: nn.Module | None, layer_map: list[int] | None,
-         probe: Callable[[list[str], list[str]], tuple[dict, dict]], seed: int = 0) -> Bound:
+         probe: Callable[[list[str], list[str]], tuple[dict, dict]], seed: int = 0,
+         n_examples: int | None = None, batch_size: int | None = None) -> Bound:
     """Resolve every method of ``specs`` against the models. ``probe(student paths, teacher paths)``
-    returns the output shapes of those modules on one batch. Connectors are created with
-    ``seed`` (the same on every run and resume)."""
+    returns the output shapes of those modules on one batch (of ``batch_size`` examples). Connectors
+    and the state of stateful methods (CRD's banks, one row per of the ``n_examples`` training
+    examples) are created with ``seed`` (the same on every run and resume)."""
     bound = Bound()
     feature_specs = []
     for spec in parse_all(specs):
@@ -321,9 +340,11 @@ def bind(specs, student: nn.Module, teacher: nn.Module | None, layer_map: list[i
     torch.manual_seed(seed)
     for spec, pairs in feature_specs:
         extra = _check_pairs(spec, pairs, s_shapes, t_shapes, student, teacher)
+        if spec.method.state is not None:
+            _check_state(spec, pairs, s_shapes, n_examples, batch_size)
         conns = []
         for k, (ps, pt) in enumerate(pairs):
-            conn = spec.method.connector(s_shapes[ps[0]], t_shapes[pt[0]]) if spec.method.connector else None
+            conn = _connector(spec, s_shapes[ps[0]], t_shapes[pt[0]], n_examples, seed + k)
             if conn is not None:
                 name = f"{spec.method.name}.{k}"
                 bound.connectors[name] = conn
@@ -332,6 +353,27 @@ def bind(specs, student: nn.Module, teacher: nn.Module | None, layer_map: list[i
         if spec.weight > 0:
             bound.terms.append((_feature_term(spec, pairs, conns, extra), spec.weight))
     return bound
+
+
+def _connector(spec: Spec, s: Shape, t: Shape, n_examples: int | None, seed: int) -> nn.Module | None:
+    if spec.method.state is not None:
+        return spec.method.state(s, t, spec.options, n_examples, seed)
+    return spec.method.connector(s, t) if spec.method.connector else None
+
+
+def _check_state(spec: Spec, pairs, s_shapes: dict, n_examples: int | None, batch_size: int | None) -> None:
+    """A stateful method (CRD) keeps a row per training example and reads the batch's indices."""
+    name = spec.method.name
+    if n_examples is None:
+        raise UsageError(f"method {name} keeps a memory bank of the training examples: use it in tdkd distill")
+    for ps, _ in pairs:
+        if batch_size is not None and s_shapes[ps[0]][0] != batch_size:
+            raise UsageError(f"method {name}: module {ps[0]} gives {list(s_shapes[ps[0]])} for a batch of {batch_size}: "
+                             "it has no batch dimension (choose a module whose output has one row per example)")
+    k = int(spec.options.get("nce_k", 0))
+    if k >= n_examples:
+        raise UsageError(f"method {name}: nce_k={k} negatives need more training examples than that "
+                         f"(this run has {n_examples}); lower nce_k")
 
 
 def _feature_pairs(spec: Spec, student, teacher, layer_map) -> list[tuple[list[str], list[str]]]:
@@ -379,6 +421,12 @@ def _minilm_heads(spec: Spec, ps, pt, s: Shape, t: Shape, student, teacher) -> t
 
 
 def _describe(conn: nn.Module) -> str:
+    if isinstance(conn, connectors.LayoutConnector):
+        return (f"{'feature map -> tokens' if conn.to_tokens else 'tokens -> feature map'} "
+                f"({conn.grid}x{conn.grid} grid), {_describe(conn.proj)}")
+    if isinstance(conn, contrastive.CRD):
+        return (f"CRD heads {conn.head_s.in_features}/{conn.head_t.in_features} -> {conn.head_s.out_features}, "
+                f"memory banks 2 x {conn.n_data} x {conn.head_s.out_features}, {conn.k} negatives")
     if isinstance(conn, nn.Conv2d):
         return f"1x1 Conv2d {conn.in_channels} -> {conn.out_channels}"
     return f"Linear {conn.in_features} -> {conn.out_features}"
