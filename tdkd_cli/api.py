@@ -94,6 +94,8 @@ def overparameterize(model: nn.Module, config: MPOConfig | None = None, teacher:
     config = config or MPOConfig()
     if not isinstance(config, MPOConfig):
         raise UsageError(f"config: expected an MPOConfig, got {type(config).__name__}")
+    if config.n < 2 or (config.rank is not None and config.rank < 1):
+        raise UsageError(f"config: n must be at least 2 and rank at least 1 (got n={config.n}, rank={config.rank})")
     partner = None
     if teacher is not None:
         _check_module(teacher, "teacher")
@@ -101,8 +103,8 @@ def overparameterize(model: nn.Module, config: MPOConfig | None = None, teacher:
     try:
         plans = align.overparameterize(model, family_of(model), targets=config.targets, n=config.n, shapes=config.shapes,
                                        rank=config.rank, teacher=teacher, partner=partner)
-    except UsageError as exc:
-        raise _named("config" if config.targets or config.shapes or "must be" in str(exc) else "model", exc) from None
+    except UsageError as exc:  # the config's targets/shapes did not fit, or the model has nothing to target
+        raise _named("config" if config.targets or config.shapes else "model", exc) from None
     if teacher is not None and not config.shapes:
         t_mods = dict(teacher.named_modules())
         s_mods = dict(model.named_modules())
@@ -124,8 +126,7 @@ class TensorConstraint(nn.Module):
         _check_module(teacher, "teacher")
         if not tensorize.mpo_modules(student):
             raise UsageError("student: not over-parameterized (call overparameterize(student, config, teacher) first)")
-        teacher_tensors = tensorize.mpo_modules(teacher)
-        if teacher_tensors:
+        if tensorize.mpo_modules(teacher):
             raise UsageError("teacher: it has MPO layers; merge(teacher) first")
         try:
             cores, self.pairs = constraint.teacher_cores(student, teacher, layers.partner_fn(student, teacher))

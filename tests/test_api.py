@@ -149,7 +149,7 @@ def test_api_errors_name_the_argument(tmp_path):
         overparameterize(nn.Sequential(nn.ReLU()), MPOConfig(targets=["fc*"]))
     with pytest.raises(TdkdError, match=r"^model: expected a torch.nn.Module"):
         overparameterize("bert-base")
-    with pytest.raises(TdkdError, match=r"^config: n must be at least 2"):
+    with pytest.raises(TdkdError, match=r"^config: n must be at least 2 and rank at least 1 \(got n=1"):
         overparameterize(nn.Sequential(nn.Linear(4, 4)), MPOConfig(n=1, targets=["0"]))
     student = _bert(tmp_path)
     stranger = nn.Sequential(nn.Conv2d(3, 8, 3))  # nothing in it pairs with BERT's Linear layers
