@@ -146,12 +146,7 @@ class TeacherCache:
 
 def tensor_digest(state: dict) -> str:
     """sha256 over a state dict's names, dtypes, shapes and bytes (sorted by name)."""
-    h = hashlib.sha256()
-    for name in sorted(state):
-        t = state[name].detach().cpu().contiguous().reshape(-1)
-        h.update(f"{name}|{t.dtype}|{tuple(state[name].shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
+    return caches.digest(state)
 
 
 def cache_key(teacher, teacher_source: dict, inputs_digest: str, extra: dict) -> str:
