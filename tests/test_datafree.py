@@ -87,6 +87,10 @@ def test_priors_and_js_divergence_by_hand():
     # vertical diffs 3, 0 -> mean 4.5; horizontal 1, -2 -> mean 2.5
     assert float(inversion.total_variation(x)) == pytest.approx(4.5 + 2.5)
     assert float(inversion.l2_prior(x)) == pytest.approx(11.0)
+    # diversity: pairs of the same class only; mean |difference| per element
+    imgs = torch.stack([torch.zeros(1, 2, 2), torch.ones(1, 2, 2), 3 * torch.ones(1, 2, 2), torch.full((1, 2, 2), 7.0)])
+    assert float(inversion.diversity(imgs, torch.tensor([0, 0, 0, 1]))) == pytest.approx((1 + 3 + 2) / 3)
+    assert float(inversion.diversity(imgs, torch.tensor([0, 1, 2, 3]))) == 0.0
     a, b = torch.tensor([[2.0, 0.0, -1.0]]), torch.tensor([[0.0, 1.0, 0.5]])
     p, q = torch.softmax(a, -1).double().numpy()[0], torch.softmax(b, -1).double().numpy()[0]
     m = (p + q) / 2
@@ -121,11 +125,12 @@ def test_adaptive_term_seeks_disagreement(setup):
     student = synth.load_inverter(str(teacher)).teacher  # a copy: it agrees everywhere, JS = 0
     inv.student = student
     x = torch.randn(4, 3, 16, 16)
-    w = inversion.InversionWeights(ce=1.0, bn=0.5, tv=2.0, l2=1e-3, adaptive=2.0)
+    w = inversion.InversionWeights(ce=1.0, bn=0.5, tv=2.0, l2=1e-3, div=0.25, adaptive=2.0)
     with inversion.BNStatsTap(inv.teacher) as tap, torch.no_grad():
         total, terms = inversion.inversion_loss(inv.teacher, tap, x, torch.arange(4), w, student)
     assert terms["adaptive"] == pytest.approx(1.0, abs=1e-6)
-    expect = terms["ce"] + 0.5 * terms["bn"] + 2.0 * terms["tv"] + 1e-3 * terms["l2"] + 2.0 * terms["adaptive"]
+    expect = (terms["ce"] + 0.5 * terms["bn"] + 2.0 * terms["tv"] + 1e-3 * terms["l2"] - 0.25 * terms["div"]
+              + 2.0 * terms["adaptive"])
     assert float(total) == pytest.approx(expect, rel=1e-5)
 
 

@@ -220,13 +220,14 @@ def synthesize(
     teacher: str = typer.Argument(..., help="Image classifier with BatchNorm layers: a timm/tdkd model directory, MPO checkpoint or preset."),
     output: Path = typer.Option(..., "-o", "--output", help="Output image folder (OUTPUT/train/CLASS/*.png and synthesis.json)."),
     count: int = typer.Option(2000, "--count", help="Images to synthesize (image i has class i mod K)."),
-    batch_size: int = typer.Option(200, "--batch-size", help="Images per generator step (their BatchNorm statistics are matched as one batch) and per sampled batch."),
-    steps: int = typer.Option(300, "--steps", help="Generator training steps (each one teacher forward and backward pass on a batch)."),
+    batch_size: int = typer.Option(100, "--batch-size", help="Images per generator step (their BatchNorm statistics are matched as one batch) and per sampled batch."),
+    steps: int = typer.Option(200, "--steps", help="Generator training steps (each one teacher forward and backward pass on a batch)."),
     lr: float = typer.Option(3e-3, "--lr", help="Adam learning rate of the generator."),
     ce_weight: float = typer.Option(1.0, "--ce-weight", help="Weight of the teacher's cross-entropy for each image's target class."),
-    bn_weight: float = typer.Option(0.1, "--bn-weight", help="Weight of the BatchNorm statistics loss (sum over layers of the L2 distances of batch mean and variance to the running ones)."),
+    bn_weight: float = typer.Option(0.3, "--bn-weight", help="Weight of the BatchNorm statistics loss (sum over layers of the L2 distances of batch mean and variance to the running ones)."),
     tv_weight: float = typer.Option(1.0, "--tv-weight", help="Weight of the total-variation prior (mean squared difference of neighbouring pixels)."),
     l2_weight: float = typer.Option(0.0, "--l2-weight", help="Weight of the L2 prior (squared norm of each normalised image; 0: off, dark backgrounds have large norms)."),
+    div_weight: float = typer.Option(1.0, "--div-weight", help="Weight of the diversity term (mean pixel distance between images of one class in a batch, subtracted)."),
     student: Optional[str] = typer.Option(None, "--student", help="Student for the adaptive term: images where it disagrees with the teacher are sought."),
     adaptive_weight: Optional[float] = typer.Option(None, "--adaptive-weight", help="Weight of 1 - JS(teacher || student) [1 with --student, else 0]."),
     classes: Optional[List[str]] = typer.Option(None, "--classes", help="Class folder names in class-index order: a,b,c or an image folder (or builtin:digits) to read them from. Default: 0..K-1."),
@@ -248,7 +249,7 @@ def synthesize(
 
     adaptive = adaptive_weight if adaptive_weight is not None else (1.0 if student else 0.0)
     cfg = synth.SynthesisConfig(count=count, batch_size=batch_size, steps=steps, lr=lr, save_every=save_every, seed=seed,
-                                weights=InversionWeights(ce=ce_weight, bn=bn_weight, tv=tv_weight, l2=l2_weight, adaptive=adaptive))
+                                weights=InversionWeights(ce=ce_weight, bn=bn_weight, tv=tv_weight, l2=l2_weight, div=div_weight, adaptive=adaptive))
     progress = render.progress("synthesizing", enabled=not as_json and sys.stderr.isatty())
     with progress:
         bar = progress.add_task("", total=None)

@@ -7,12 +7,15 @@ towards what the teacher T saw in training by
     L(x) = ce * CE(T(x), y)                                          the teacher's class score
          + bn * sum_l ( ||mu_l(x) - m_l||_2 + ||var_l(x) - v_l||_2 )  BatchNorm statistics
          + tv * TV(x) + l2 * ||x||^2 / B                             image priors
+         - div * D(x)                                                 diversity within each class
          + adaptive * (1 - JS(T(x) || S(x)))                          optional: where a student S disagrees
 
 where ``mu_l(x)``, ``var_l(x)`` are the per-channel mean and (biased) variance of the input of
 BatchNorm layer l over the batch and its spatial positions, and ``m_l``, ``v_l`` its running
 statistics. ``TV`` is the mean squared difference of neighbouring pixels (horizontal and vertical);
-``JS`` the Jensen-Shannon divergence of the two softmax distributions (natural log, in [0, ln 2]),
+``D`` the mean absolute pixel difference between images of the same target class in the batch (a
+generator trained without it tends to draw one image per class, whatever its noise); ``JS`` the
+Jensen-Shannon divergence of the two softmax distributions (natural log, in [0, ln 2]),
 so minimising the last term seeks inputs on which the student and the teacher disagree.
 
 Pure functions of tensors, plus ``BNStatsTap`` (forward pre-hooks on the BatchNorm layers, removed on
@@ -34,9 +37,10 @@ class InversionWeights:
     """Weights of the inversion loss's terms (the formula in the module docstring)."""
 
     ce: float = 1.0
-    bn: float = 0.1
+    bn: float = 0.3
     tv: float = 1.0
     l2: float = 0.0
+    div: float = 1.0
     adaptive: float = 0.0
 
 
@@ -75,6 +79,20 @@ def total_variation(x: torch.Tensor) -> torch.Tensor:
 def l2_prior(x: torch.Tensor) -> torch.Tensor:
     """Squared L2 norm of each input, averaged over the batch."""
     return x.pow(2).flatten(1).sum(dim=1).mean()
+
+
+def diversity(x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean over pairs of images with the same target of their mean absolute difference per element
+    (0 when no class has two images)."""
+    flat = x.flatten(1)
+    total, pairs = flat.new_zeros(()), 0
+    for c in torch.unique(targets):
+        xc = flat[targets == c]
+        if len(xc) < 2:
+            continue
+        total = total + torch.cdist(xc, xc, p=1).sum() / (2 * flat.shape[1])
+        pairs += len(xc) * (len(xc) - 1) // 2
+    return total / max(pairs, 1)
 
 
 def js_divergence(logits_a: torch.Tensor, logits_b: torch.Tensor) -> torch.Tensor:
@@ -125,8 +143,9 @@ def inversion_loss(teacher: nn.Module, tap: BNStatsTap, x: torch.Tensor, targets
     teacher (and the student) should be in eval mode with their parameters frozen; gradients flow
     to ``x`` only. ``tap`` must watch ``teacher``."""
     logits = teacher(x)
-    terms = {"ce": F.cross_entropy(logits.float(), targets), "bn": tap.loss(), "tv": total_variation(x), "l2": l2_prior(x)}
-    weights = {"ce": w.ce, "bn": w.bn, "tv": w.tv, "l2": w.l2}
+    terms = {"ce": F.cross_entropy(logits.float(), targets), "bn": tap.loss(), "tv": total_variation(x), "l2": l2_prior(x),
+             "div": diversity(x, targets)}
+    weights = {"ce": w.ce, "bn": w.bn, "tv": w.tv, "l2": w.l2, "div": -w.div}
     if student is not None and w.adaptive > 0:
         terms["adaptive"] = 1.0 - js_divergence(logits, student(x))
         weights["adaptive"] = w.adaptive

@@ -51,8 +51,8 @@ class SynthesisConfig:
     """How many images and how the generator is trained (`tdkd synthesize --help` documents each)."""
 
     count: int = 2000
-    batch_size: int = 200
-    steps: int = 300
+    batch_size: int = 100
+    steps: int = 200
     lr: float = 3e-3
     weights: InversionWeights = field(default_factory=InversionWeights)
     save_every: int = 50
