@@ -64,6 +64,8 @@ def run(a) -> dict:
     t_teacher = timed(out / "teacher.seconds", lambda: (
         distill(out / "teacher-run", "--recipe", "digits-cnn-teacher"),
         tdkd("merge", str(out / "teacher-run" / "best"), "-o", str(teacher), "--force", capture=True)))
+    if not (out / "teacher-eval.json").is_file():
+        atomic_write_text(out / "teacher-eval.json", tdkd("eval", str(teacher), "--data", "builtin:digits", "--json", capture=True))
     synth = out / "synth"
     t_synth = timed(out / "synth.seconds", lambda: tdkd(
         "synthesize", str(teacher), "--count", str(a.count), "--steps", str(a.steps), "--classes", "builtin:digits",
@@ -73,9 +75,11 @@ def run(a) -> dict:
     arms = {"real": "builtin:digits", "synthesized": str(synth), "noise": str(out / "noise")}
     secs = {}
     for arm, data in arms.items():
+        if a.arms and arm not in a.arms:
+            continue
         secs[arm] = timed(out / f"student-{arm}.seconds", lambda: distill(out / f"student-{arm}", *common, "--data", data))
     results = {"teacher_seconds": t_teacher, "synth_seconds": t_synth, "student_seconds": secs,
-               "teacher": _dev(out / "teacher-run"), "synthesis": json.loads((synth / "synthesis.json").read_text())["generator_log"][-1]}
+               "teacher": json.loads((out / "teacher-eval.json").read_text()), "synthesis": json.loads((synth / "synthesis.json").read_text())["generator_log"][-1]}
     for arm in arms:
         results[arm] = _dev(out / f"student-{arm}")
     atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
@@ -116,7 +120,7 @@ def grid(folder: Path, out_png: Path, per_class: int = 10, scale: int = 3, real:
 
 def table(results: dict) -> str:
     rows = ["| model | training inputs | real dev top-1 (360 images) |", "|---|---|---|",
-            f"| teacher resnet-digits (2.8M) | 1,437 real images, labels | {100 * results['teacher']['best_top1']:.2f} |"]
+            f"| teacher resnet-digits (2.8M) | 1,437 real images, labels | {100 * results['teacher']['metrics']['top1']:.2f} |"]
     names = {"real": "1,437 real images (KD)", "synthesized": "2,000 synthesized images (KD), no real image",
              "noise": "2,000 uniform-noise images (KD): the floor"}
     for arm, what in names.items():
@@ -131,6 +135,7 @@ def main() -> None:
     p.add_argument("--count", type=int, default=2000)
     p.add_argument("--steps", type=int, default=200, help="generator steps of tdkd synthesize")
     p.add_argument("--student-steps", type=int, default=300)
+    p.add_argument("--arms", nargs="*", default=None, help="train only these students (real, synthesized, noise) this time")
     p.add_argument("--table", action="store_true", help="only print the table of finished results")
     p.add_argument("--figure", default=None, help="also draw the synthesized images per class into this PNG")
     a = p.parse_args()

@@ -263,3 +263,24 @@ def test_dev_data_with_other_classes_is_refused(setup, capsys, tmp_path):
     rc, _, err = run_cli(["distill", "--teacher", str(teacher), "--student", "resnet-digits-small", "--init", "random",
                           "--data", str(real), "--dev-data", str(tmp_path / "nowhere"), "--max-steps", "1", "-o", str(tmp_path / "run")], capsys)
     assert rc == 2 and "dev data" in err and "not found" in err
+
+
+def test_synthesize_help_is_lazy_and_whole(capsys, monkeypatch):
+    import re
+    import subprocess
+    import sys
+
+    import typer.main
+
+    from tdkd_cli.cli.app import app
+
+    code = ("import sys\nfrom tdkd_cli.cli.app import main\n"
+            "try:\n    main(['synthesize', '--help'])\nexcept SystemExit as e:\n    assert e.code == 0\n"
+            "heavy = [m for m in ('torch', 'transformers', 'timm') if m in sys.modules]\nassert not heavy, heavy\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    monkeypatch.setenv("COLUMNS", "100")
+    rc, out, _ = run_cli(["synthesize", "--help"], capsys)
+    flat = lambda text: re.sub(r"\s+", "", text.replace("│", ""))  # noqa: E731
+    texts = [p.help for p in typer.main.get_command(app).commands["synthesize"].params if getattr(p, "help", None)]
+    assert rc == 0 and len(texts) > 15 and all(flat(t) in flat(out) for t in texts)
