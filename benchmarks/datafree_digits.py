@@ -92,7 +92,7 @@ def _dev(run: Path) -> dict:
             "train_examples": s["train_examples"], "steps": s["steps"], "seconds_per_step": s["seconds_per_step"]}
 
 
-def grid(folder: Path, out_png: Path, per_class: int = 10, scale: int = 3, real: Path | None = None) -> None:
+def grid(folder: Path, out_png: Path, per_class: int = 10, scale: int = 2, real: Path | None = None) -> None:
     """A PNG grid of images per class (one row per class, ``per_class`` images, the first ones); with
     ``real`` a first column of one real image per class, set apart by a gap."""
     from PIL import Image, ImageDraw
@@ -101,7 +101,7 @@ def grid(folder: Path, out_png: Path, per_class: int = 10, scale: int = 3, real:
 
     images = data_mod.load_images(folder, "train")
     reals = data_mod.load_images(real, "train") if real is not None else None
-    side, pad, label = 32 * scale, 2, 24
+    side, pad, label = 32 * scale, 2, 20
     left = label + (side + 3 * pad if reals is not None else 0)
     canvas = Image.new("RGB", (left + per_class * (side + pad), len(images.classes) * (side + pad)), "white")
     draw = ImageDraw.Draw(canvas)
@@ -115,7 +115,7 @@ def grid(folder: Path, out_png: Path, per_class: int = 10, scale: int = 3, real:
         for col, f in enumerate(files):
             canvas.paste(Image.open(f).convert("RGB").resize((side, side), Image.NEAREST), (left + col * (side + pad), y))
     out_png.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(out_png)
+    canvas.save(out_png, optimize=True)
 
 
 def table(results: dict) -> str:
