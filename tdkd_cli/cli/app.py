@@ -152,6 +152,7 @@ def distill(
     label_column: Optional[str] = typer.Option(None, "--label-column", help=_key_help("label_column")),
     train_split: Optional[str] = typer.Option(None, "--train-split", help=_key_help("train_split")),
     dev_split: Optional[str] = typer.Option(None, "--dev-split", help=_key_help("dev_split")),
+    dev_data: Optional[str] = typer.Option(None, "--dev-data", help=_key_help("dev_data")),
     train_limit: Optional[int] = typer.Option(None, "--train-limit", help=_key_help("train_limit")),
     dev_limit: Optional[int] = typer.Option(None, "--dev-limit", help=_key_help("dev_limit")),
     max_length: Optional[int] = typer.Option(None, "--max-length", help=_key_help("max_length")),
@@ -210,6 +211,54 @@ def distill(
     if report is None:  # not the main process of a torchrun run
         return
     render.emit_json(report) if as_json else render.distill_summary(report, output)
+
+
+@app.command(epilog=_examples("tdkd synthesize teacher/ --count 2000 --classes builtin:digits -o synth",
+             "tdkd distill --teacher teacher/ --student resnet-digits-small --init random --data synth --dev-data builtin:digits -o run",
+             "tdkd synthesize teacher/ --student run/best --adaptive-weight 1 --seed 1 -o synth-2  (adaptive round)"))
+def synthesize(
+    teacher: str = typer.Argument(..., help="Image classifier with BatchNorm layers: a timm/tdkd model directory, MPO checkpoint or preset."),
+    output: Path = typer.Option(..., "-o", "--output", help="Output image folder (OUTPUT/train/CLASS/*.png and synthesis.json)."),
+    count: int = typer.Option(2000, "--count", help="Images to synthesize (image i has class i mod K)."),
+    batch_size: int = typer.Option(100, "--batch-size", help="Images per generator step (their BatchNorm statistics are matched as one batch) and per sampled batch."),
+    steps: int = typer.Option(200, "--steps", help="Generator training steps (each one teacher forward and backward pass on a batch)."),
+    lr: float = typer.Option(3e-3, "--lr", help="Adam learning rate of the generator."),
+    ce_weight: float = typer.Option(1.0, "--ce-weight", help="Weight of the teacher's cross-entropy for each image's target class."),
+    bn_weight: float = typer.Option(0.3, "--bn-weight", help="Weight of the BatchNorm statistics loss (sum over layers of the L2 distances of batch mean and variance to the running ones)."),
+    tv_weight: float = typer.Option(1.0, "--tv-weight", help="Weight of the total-variation prior (mean squared difference of neighbouring pixels)."),
+    l2_weight: float = typer.Option(0.0, "--l2-weight", help="Weight of the L2 prior (squared norm of each normalised image; 0: off, dark backgrounds have large norms)."),
+    div_weight: float = typer.Option(1.0, "--div-weight", help="Weight of the diversity term (mean pixel distance between images of one class in a batch, subtracted)."),
+    student: Optional[str] = typer.Option(None, "--student", help="Student for the adaptive term: images where it disagrees with the teacher are sought."),
+    adaptive_weight: Optional[float] = typer.Option(None, "--adaptive-weight", help="Weight of 1 - JS(teacher || student) [1 with --student, else 0]."),
+    classes: Optional[List[str]] = typer.Option(None, "--classes", help="Class folder names in class-index order: a,b,c or an image folder (or builtin:digits) to read them from. Default: 0..K-1."),
+    save_every: int = typer.Option(50, "--save-every", help="Save the generator's training state every N steps (what a killed run continues from)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the generator's initialisation and of every batch's noise."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output (or an unfinished run with other settings)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON (and no progress)."),
+):
+    """Data-free: synthesize labelled images from a teacher alone, as an image folder to distill on.
+
+    A small generator is trained against the DeepInversion loss (the teacher's BatchNorm statistics,
+    its class score, image priors; optionally the adaptive term with a student), then sampled.
+    Image size and normalisation are the teacher's. The folder has no dev split: evaluate students on
+    real images (tdkd distill --dev-data). The same command continues a killed run from its last
+    saved step and finished batches (OUTPUT.partial/), with bitwise the same result."""
+    from ..methods.inversion import InversionWeights
+    from ..tools import synthesize as synth
+    from . import render
+
+    adaptive = adaptive_weight if adaptive_weight is not None else (1.0 if student else 0.0)
+    cfg = synth.SynthesisConfig(count=count, batch_size=batch_size, steps=steps, lr=lr, save_every=save_every, seed=seed,
+                                weights=InversionWeights(ce=ce_weight, bn=bn_weight, tv=tv_weight, l2=l2_weight, div=div_weight, adaptive=adaptive))
+    progress = render.progress("synthesizing", enabled=not as_json and sys.stderr.isatty())
+    with progress:
+        bar = progress.add_task("", total=None)
+        report = synth.synthesize(
+            teacher, output, cfg, student=student, classes=classes, force=force,
+            on_start=lambda total, done: progress.update(bar, total=total, completed=done),
+            on_step=lambda step, t: progress.update(bar, advance=1, description=f"generator step {step}: loss {t['loss']:.3g}"),
+            on_batch=lambda b, info: progress.update(bar, advance=1, description=f"batch {b}: teacher agrees {info['teacher_agrees']:.0%}"))
+    render.emit_json(report) if as_json else render.synthesize_report(report, teacher)
 
 
 @app.command(epilog=_examples("tdkd recipes",

@@ -70,6 +70,24 @@ def merge_report(report: dict) -> None:
               f"(tolerance {report['tolerance']:g}) OK -> {report['output']}")
 
 
+def synthesize_report(report: dict, teacher: str) -> None:
+    con = console()
+    resumed = []
+    if report["steps_resumed"]:
+        resumed.append(f"{report['steps_resumed']} of {report['steps']} generator steps")
+    if report["batches_resumed"]:
+        resumed.append(f"{report['batches_resumed']} of {report['batches']} batches")
+    note = f"; continued from an earlier run ({', '.join(resumed)})" if resumed else ""
+    con.print(f"synthesized {fmt_int(report['count'])} images of {len(report['classes'])} classes at "
+              f"{report['image_size'][0]}x{report['image_size'][1]} from {teacher} -> {report['output']}/train")
+    con.print(f"generator: {report['steps']} steps in {report['train_seconds']:.1f} s, loss {report['loss_first']:.3g} -> "
+              f"{report['loss_last']:.3g}; sampling {report['sample_seconds']:.1f} s"
+              + (f"; {report['images_per_s']:.2f} images/s overall" if report["images_per_s"] else "") + note)
+    con.print(f"the teacher gives {100 * report['teacher_agrees']:.1f}% of the saved images their target class")
+    con.print(f"next: tdkd distill --teacher {teacher} --data {report['output']} --dev-data REAL_IMAGES -o RUN "
+              f"(evaluated on the real dev split)")
+
+
 def distill_summary(report: dict, output) -> None:
     from rich.table import Table
 

@@ -43,6 +43,7 @@ class Recipe:
     label_column: str | None = _key(None, 'Label column of a generic CSV/JSONL file.')
     train_split: str = _key('train', 'Training split of a task directory.')
     dev_split: str = _key('dev', "Evaluation split of a task directory ('none' to skip evaluation).")
+    dev_data: str | None = _key(None, "Evaluate on the dev split (dev_split) of this data source instead of data's: e.g. real images for a student trained on `tdkd synthesize` output. Its classes (or task) must be data's.")
     train_limit: int | None = _key(None, 'Use only the first N training examples.')
     dev_limit: int | None = _key(None, 'Use only the first N evaluation examples.')
     max_length: int = _key(128, 'Truncate token sequences to this length.')

@@ -51,19 +51,36 @@ def load(r: Recipe, note: Callable[[str], None] | None = None) -> Dataset:
     train = data_mod.load_text(path, task, r.train_split, r.text_columns, r.label_column, r.train_limit)
     dev = None
     if r.dev_split != "none":
-        dev = data_mod.load_text(path, train.task, r.dev_split, r.text_columns, r.label_column, r.dev_limit)
+        dev = data_mod.load_text(_dev_path(r, path), train.task, r.dev_split, r.text_columns, r.label_column, r.dev_limit)
         if train.task.labels is not None and dev.label_names and set(dev.raw_labels) - set(train.task.labels):
             raise UsageError(f"{dev.path}: label {sorted(set(dev.raw_labels) - set(train.task.labels))[0]!r} does not occur in training")
     return Dataset("text", train, dev, train.task, path=path)
 
 
+def _dev_path(r: Recipe, path: Path) -> Path:
+    """Where the dev split is read: ``data`` itself, or ``dev_data`` when given (checked to exist)."""
+    if r.dev_data is None:
+        return path
+    dev_path, _ = data_mod.resolve_data(r.dev_data)
+    if not dev_path.exists():
+        raise UsageError(f"dev data {dev_path} not found")
+    return dev_path
+
+
 def _load_images(r: Recipe, path: Path) -> Dataset:
     train = data_mod.load_images(path, r.train_split)
     dev = None
-    if r.dev_split != "none" and (path / r.dev_split).is_dir():
-        dev = data_mod.load_images(path, r.dev_split)
+    dev_path = _dev_path(r, path)
+    if r.dev_data is not None and r.dev_split != "none" and not data_mod.is_image_folder(dev_path / r.dev_split) \
+            and not data_mod.is_image_folder(dev_path):
+        raise UsageError(f"dev data {dev_path} is not an image folder (expected DIR/{r.dev_split}/CLASS/*.png or DIR/CLASS/*.png)")
+    if r.dev_split != "none" and ((dev_path / r.dev_split).is_dir() or r.dev_data is not None):
+        dev = data_mod.load_images(dev_path, r.dev_split)
         if dev.classes != train.classes:
-            raise UsageError(f"{path}: the {r.dev_split} classes differ from the {r.train_split} classes")
+            if r.dev_data is None:
+                raise UsageError(f"{path}: the {r.dev_split} classes differ from the {r.train_split} classes")
+            raise UsageError(f"dev data {dev.path} has other classes than the training data {train.path} "
+                             f"({', '.join(dev.classes[:6])} vs {', '.join(train.classes[:6])}): they must be the same folder names")
     if r.train_limit:
         train.files, train.labels = train.files[:r.train_limit], train.labels[:r.train_limit]
     if dev is not None and r.dev_limit:
