@@ -18,12 +18,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import distributed, optim, precision, run_dir, teacher_cache, training_data
+from . import distributed, graph_batch, optim, precision, run_dir, teacher_cache, training_data
 from ..methods import loss_terms
 from ..tensor import tensorize
 from .distributed import Dist
 from ..core.errors import Interrupted, TrainingDiverged
-from .evaluate import evaluate_images, evaluate_text
+from .evaluate import evaluate_graph, evaluate_images, evaluate_text
 from ..methods.features import FeatureTap
 from ..core.reporting import Reporter
 from ..io.pair import Pair
@@ -294,6 +294,9 @@ class Training:
         return {**results[best], "member": best, "members": results}, best
 
     def _evaluate_model(self, model: nn.Module) -> dict:
+        if self.ds.kind == "graph":  # validation nodes, on the graph training sees
+            edges = graph_batch.training_edges(self.ds.dev, self.r.graph_setting)
+            return evaluate_graph(model, self.ds.dev, "val", self.device, edges)[0]
         if self.ds.kind == "text":
             return evaluate_text(model, self.batches.enc_dev, self.ds.task, self.r.eval_batch_size, self.device)[0]
         return evaluate_images(model, self.ds.dev, self.r.eval_batch_size, self.device)[0]
