@@ -8,7 +8,8 @@ inductive     the test nodes' edges are hidden while training and validating (th
 
 A batch is ``x`` (all nodes), ``edge_index`` (the graph the setting allows), ``nodes`` (whose
 outputs the loss reads, in order) and ``labels`` (theirs: the class of a training node, -100,
-which cross-entropy ignores, for every other).
+which cross-entropy ignores, for every other), and ``x_nonzero`` (where x is nonzero: the input
+dropout draws only those).
 """
 
 from __future__ import annotations
@@ -53,5 +54,6 @@ def batch(graph, nodes: list[int], setting: str, device: str) -> dict:
     is_train = torch.zeros(graph.num_nodes, dtype=torch.bool)
     is_train[graph.splits["train"]] = True
     labels = torch.where(is_train[idx], graph.y[idx], torch.full_like(idx, -100))
+    nonzero = tuple(t.to(device) for t in graph.nonzero())
     return {"x": graph.x.to(device), "edge_index": training_edges(graph, setting).to(device),
-            "nodes": idx.to(device), "labels": labels.to(device)}
+            "nodes": idx.to(device), "labels": labels.to(device), "x_nonzero": nonzero}

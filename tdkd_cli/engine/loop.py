@@ -123,6 +123,7 @@ class Training:
         self.teacher_cache = teacher_cache.setup(self.r, self.pair, self.ds, self.batches, self.dist.world, t_paths,
                                                  self.batch_needs, self.reporter)
         self.scaler = precision.scaler(self.device, self.r.precision)
+        self._graph_teacher = None  # the teacher's outputs on a graph, kept from the first step
         self.metrics_log = run_dir.MetricsLog(self.out, self.r.tensorboard and self.dist.main, self.progress.step)
         if self.scaler is not None and self.progress.loss_scale:
             self.scaler.load_state_dict(self.progress.loss_scale)
@@ -178,8 +179,12 @@ class Training:
             hit = cache.lookup(idx, self.device)
             if hit is not None:
                 return hit
+        if self.ds.kind == "graph" and self._graph_teacher is not None:
+            return self._graph_teacher  # full-graph training: every step's batch is the same graph
         with torch.no_grad():
             out = self._forward(self.pair.teacher.model, batch, "teacher")
+        if self.ds.kind == "graph":
+            self._graph_teacher = out
         if cache is not None:
             out = cache.merge(idx, out)
             if not cache.on:

@@ -101,6 +101,23 @@ def input_dropout(model) -> float:
     return float(getattr(d, "p", d) or 0.0)
 
 
+def feature_dropout(x, p: float, nonzero=None):
+    """Dropout on node features; with ``nonzero`` (the (rows, cols) of x's nonzero entries) only
+    those are drawn, which is the same in distribution for sparse bag-of-words features and
+    cheaper by their sparsity (Kipf & Welling's sparse dropout)."""
+    import torch
+
+    if p <= 0:
+        return x
+    if nonzero is None:
+        return torch.nn.functional.dropout(x, p)
+    rows, cols = nonzero
+    keep = torch.rand(rows.shape[0], device=x.device) >= p
+    out = torch.zeros_like(x)
+    out[rows[keep], cols[keep]] = x[rows[keep], cols[keep]] / (1 - p)
+    return out
+
+
 def layer_list(model) -> tuple[str, list]:
     """(path, layers) of a PyG model: ``convs`` of a GNN, ``lins`` of an MLP."""
     for path in ("convs", "lins"):

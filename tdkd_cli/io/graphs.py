@@ -52,6 +52,12 @@ class Graph:
     def num_nodes(self) -> int:
         return int(self.x.shape[0])
 
+    def nonzero(self):
+        """(rows, cols) of the nonzero features, computed once."""
+        if getattr(self, "_nonzero", None) is None:
+            self._nonzero = self.x.nonzero(as_tuple=True)
+        return self._nonzero
+
     def edges_without(self, split: str):
         """Edges touching no node of ``split`` (the inductive training graph hides the test nodes')."""
         import torch

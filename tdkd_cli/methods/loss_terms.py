@@ -77,7 +77,7 @@ def _graph_forward(model: nn.Module, batch: dict) -> torch.Tensor:
 
     x = batch["x"]
     if model.training:  # dropout on the input features too, as Kipf & Welling's GCN
-        x = nn.functional.dropout(x, graph_models.input_dropout(model))
+        x = graph_models.feature_dropout(x, graph_models.input_dropout(model), batch.get("x_nonzero"))
     return graph_models.forward(model, x, batch["edge_index"])[batch["nodes"]]
 
 
