@@ -93,6 +93,7 @@ def load_peer(r: Recipe, spec: str, seed: int, mpo: bool, num_labels: int, repor
 def _load_teacher(r: Recipe, num_labels: int, graph_features: int | None = None) -> models.Loaded | None:
     if no_teacher(r.teacher):
         return None
+    check_data_fits(None, r.teacher, graph_features)
     teacher = load_any(r.teacher, init=r.init, num_labels=num_labels, weights=r.teacher_weights, seed=r.seed, keep_head=True,
                        graph_features=graph_features)
     t_out = num_outputs(teacher)
@@ -112,6 +113,7 @@ def _load_student(r: Recipe, num_labels: int, teacher: models.Loaded | None, gra
         if not r.student_layers or teacher is None:
             raise UsageError("no student: pass --student MODEL, or --student-layers to cut one from the teacher")
         spec = r.teacher
+    check_data_fits(None, spec, graph_features)
     student = load_any(spec, init=r.init, num_labels=num_labels, weights=r.student_weights, seed=r.seed,
                        graph_features=graph_features)
     if r.student_layers:
@@ -146,19 +148,41 @@ def num_outputs(loaded: models.Loaded) -> int | None:
 
 
 def check_data_fits(loaded: models.Loaded | None, spec: str | None, graph_features: int | None) -> None:
-    """A graph model on graph data with its feature width; any other model on any other data."""
-    if loaded is None:
+    """A graph model on graph data with its feature width; any other model on any other data.
+    Without ``loaded`` (before loading) the family is read from the spec where it says it."""
+    family = loaded.family if loaded is not None else _spec_family(spec)
+    if family is None:
         return
-    kind = {"hf": "text", "timm": "image", "pyg": "graph"}[loaded.family]
-    if graph_features is not None and loaded.family != "pyg":
-        raise UsageError(f"{spec} is a {kind} model ({loaded.family}); graph data needs a graph model: "
+    kind = {"hf": "text", "timm": "image", "pyg": "graph"}.get(family, family)
+    if graph_features is not None and family != "pyg":
+        raise UsageError(f"{spec} is a {kind} model ({family}); graph data needs a graph model: "
                          "gcn, sage, gat, mlp or a tdkd checkpoint of one")
-    if graph_features is None and loaded.family == "pyg":
+    if graph_features is None and family == "pyg":
         raise UsageError(f"{spec} is a graph model; it trains on graph data (builtin:cora, builtin:citeseer, a .npz "
                          "file or nodes.csv + edges.csv)")
-    width = loaded.source.get("kwargs", {}).get("in_channels") if loaded.family == "pyg" else None
+    width = loaded.source.get("kwargs", {}).get("in_channels") if loaded is not None and family == "pyg" else None
     if width is not None and graph_features is not None and width != graph_features:
         raise UsageError(f"{spec} takes {width} node features but the graph has {graph_features}")
+
+
+def _spec_family(spec: str | None) -> str | None:
+    """'pyg' for a graph preset, a model directory's family, None when only loading can tell."""
+    import json
+
+    if not spec or no_teacher(spec):
+        return None
+    if models.graph_models.is_graph_preset(spec):
+        return "pyg"
+    p = Path(spec).expanduser()
+    if not p.is_dir():
+        return None
+    kind = ckpt.detect_kind(p)
+    if kind != "mpo":
+        return kind
+    try:
+        return json.loads((p / ckpt.MANIFEST).read_text())["source"]["family"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # the loader names what is wrong with it
 
 
 def check_vocab(teacher: models.Loaded, student: models.Loaded) -> None:
