@@ -156,6 +156,7 @@ def distill(
     train_limit: Optional[int] = typer.Option(None, "--train-limit", help=_key_help("train_limit")),
     dev_limit: Optional[int] = typer.Option(None, "--dev-limit", help=_key_help("dev_limit")),
     max_length: Optional[int] = typer.Option(None, "--max-length", help=_key_help("max_length")),
+    graph_setting: Optional[str] = typer.Option(None, "--graph-setting", help=_key_help("graph_setting")),
     mpo: Optional[bool] = typer.Option(None, "--mpo/--no-mpo", help=_key_help("mpo")),
     n: Optional[int] = typer.Option(None, "--n", "--mpo-n", help=_key_help("n", "Under torchrun write --mpo-n (torchrun's parser takes --n as an abbreviation of its own options).")),
     targets: Optional[List[str]] = typer.Option(None, "--targets", help=_key_help("targets", "Repeatable.")),
@@ -316,7 +317,7 @@ def methods(
              "tdkd eval vit-merged --data images/ --predictions preds.jsonl"))
 def eval_(
     model: str = typer.Argument(..., help="Dense HF/timm directory, MPO checkpoint (decompose/distill output), merged output, or preset."),
-    data: str = typer.Option(..., "--data", help="Task directory (with dev.tsv, train.tsv), a .tsv/.csv/.jsonl file, an image folder (CLASS/*.png) for timm models, or builtin:sst2-sample."),
+    data: str = typer.Option(..., "--data", help="Task directory (with dev.tsv, train.tsv), a .tsv/.csv/.jsonl file, an image folder (CLASS/*.png) for timm models, builtin:sst2-sample, or a graph for graph models (builtin:cora, builtin:citeseer, .npz, nodes.csv + edges.csv: accuracy on the test and validation nodes)."),
     task: Optional[str] = typer.Option(None, "--task", help="sst2, rte, mrpc, cola, stsb, qnli, qqp, mnli. Default: guessed from the data path."),
     split: str = typer.Option("dev", "--split", help="Split file to read from a task directory (dev, train, ...)."),
     text_column: Optional[List[str]] = typer.Option(None, "--text-column", help="Text column(s) of a generic file; repeat for sentence pairs."),
@@ -362,6 +363,7 @@ def bench(
     max_regression: float = typer.Option(0.10, "--max-regression", help="Fail (exit 1) when a model is slower than its baseline by more than this fraction."),
     gate: str = typer.Option("latency", "--gate", help="latency (median ms) | ratio (latency relative to the first model; machine independent)."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    data: Optional[str] = typer.Option(None, "--data", help="A graph (builtin:cora, ...): time graph models on its test nodes (a GNN on their k-hop subgraph, an MLP on their features)."),
 ):
     """Inference latency (median, p90, p99), throughput, parameters and memory, several models side by side."""
     from ..tools import bench as bench_mod
@@ -376,7 +378,7 @@ def bench(
     with progress:
         bar = progress.add_task("", total=iters)
         report = ops.bench_models(models, device=device, batch_size=batch_size, seq_len=seq_len, dtype=dtype,
-                                  threads=threads, warmup=warmup, iters=iters, init=init,
+                                  threads=threads, warmup=warmup, iters=iters, init=init, data=data,
                                   on_round=lambda: progress.update(bar, advance=1))
     failure = bench_mod.apply_gate(report, baseline, base, max_regression, gate) if base is not None else None
     if output is not None:

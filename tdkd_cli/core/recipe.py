@@ -30,14 +30,14 @@ class Recipe:
     description: str | None = _key(None, 'One line saying what the recipe is for (shown by `tdkd recipes`).')
     # models
     teacher: str | None = _key(None, "Teacher: HF directory or hub name, preset, timm name, MPO checkpoint, or 'none' (fine-tune without a teacher).")
-    student: str | None = _key(None, 'Student: HF directory or hub name, preset, timm name, or a `tdkd decompose` output. Default: cut from the teacher (with student_layers).')
+    student: str | None = _key(None, 'Student: HF directory or hub name, preset, timm name, or a `tdkd decompose` output; on graph data gcn, sage, gat or mlp (sizes as options: mlp:hidden=64,layers=2). Default: cut from the teacher (with student_layers).')
     student_layers: str | None = _key(None, "Keep only these encoder layers of the student, e.g. '0,1,2' or 'every-other' (cuts a student from a deeper model).")
     init: str = _key('pretrained', 'pretrained | random (presets build offline from their config: smoke tests).')
     student_weights: str | None = _key(None, 'safetensors weights for a timm student.')
     teacher_weights: str | None = _key(None, 'safetensors weights for a timm teacher.')
     tokenizer: str | None = _key(None, 'Tokenizer directory when neither model directory has one.')
     # data
-    data: str | None = _key(None, 'Task directory (train.tsv, dev.tsv), a .tsv/.csv/.jsonl file, an image folder, or builtin:sst2-sample.')
+    data: str | None = _key(None, 'Task directory (train.tsv, dev.tsv), a .tsv/.csv/.jsonl file, an image folder, builtin:sst2-sample, or a graph: builtin:cora, builtin:citeseer, a .npz file or a directory with nodes.csv + edges.csv.')
     task: str | None = _key(None, 'sst2, rte, mrpc, cola, stsb, qnli, qqp, mnli. Default: guessed from the data path.')
     text_columns: tuple[str, ...] | None = _key(None, 'Text column(s) of a generic CSV/JSONL file (two for sentence pairs).')
     label_column: str | None = _key(None, 'Label column of a generic CSV/JSONL file.')
@@ -47,6 +47,7 @@ class Recipe:
     train_limit: int | None = _key(None, 'Use only the first N training examples.')
     dev_limit: int | None = _key(None, 'Use only the first N evaluation examples.')
     max_length: int = _key(128, 'Truncate token sequences to this length.')
+    graph_setting: str = _key('transductive', "Graph data: 'transductive' (the whole graph while training, loss on the training nodes, KD on every node) or 'inductive' (the test nodes' edges hidden while training; KD on every other node).")
     # over-parameterization
     mpo: bool = _key(True, 'Train the student in MPO form (over-parameterized); a dense student is decomposed on the fly.')
     n: int = _key(5, 'MPO cores per matrix when decomposing on the fly (the paper uses 5).')
@@ -107,6 +108,22 @@ KEYS = tuple(SCHEMA)
 
 # Keys introduced after the format's first runs, with the value that reproduces an older run.
 ADDED_KEYS_AS_BEFORE = {"teacher_cache": False, "precision": "fp32"}
+
+# Defaults on graph data (Kipf & Welling's GCN setting, which GLNN's MLP students share): one
+# full-graph step per epoch, validated every epoch. A key the recipe or the command line sets wins;
+# without a teacher the model trains dense unless mpo is set.
+GRAPH_DEFAULTS = {"lr": 0.01, "weight_decay": 5e-4, "epochs": 200.0, "eval_every": 1, "log_every": 10}
+
+
+def with_graph_defaults(r: Recipe, explicit: set[str], has_teacher: bool) -> Recipe:
+    """``r`` with GRAPH_DEFAULTS for every key the user did not set."""
+    import dataclasses
+
+    values = {k: v for k, v in GRAPH_DEFAULTS.items() if k not in explicit}
+    if "mpo" not in explicit and not has_teacher:
+        values["mpo"] = False
+    return dataclasses.replace(r, **values)
+
 
 # Keys that may change when a run is resumed (they do not change what is computed).
 RESUMABLE_CHANGES = {"device", "log_every", "eval_batch_size", "description", "keep_last", "keep_best_only", "tensorboard"}
@@ -185,6 +202,8 @@ def check_ranges(rec: Recipe) -> None:
         need(r[k] >= 0, f"{k} must be >= 0 (got {r[k]})")
     for k in ("train_limit", "dev_limit"):
         need(r[k] is None or r[k] >= 1, f"{k} must be at least 1 (got {r[k]})")
+    need(r["graph_setting"] in ("transductive", "inductive"),
+         f"graph_setting must be 'transductive' or 'inductive' (got {r['graph_setting']!r})")
     need(r["precision"] in ("fp32", "bf16", "fp16"), f"precision must be fp32, bf16 or fp16 (got {r['precision']!r})")
     need(r["teacher_cache_mb"] >= 0, f"teacher_cache_mb must be >= 0 (got {r['teacher_cache_mb']})")
     need(r["device"] in ("auto", "cpu", "cuda") or r["device"].startswith("cuda:"), f"device must be auto, cpu or cuda (got {r['device']!r})")

@@ -112,6 +112,29 @@ def evaluate_text(model, enc, task, batch_size: int, device: str, on_batch=None)
     return compute_metrics(task.metrics, preds, list(enc.labels)), scores, preds
 
 
+def evaluate_graph(model, graph, split: str, device: str, edge_index=None) -> tuple[dict, object, list]:
+    """(accuracy, scores, predictions) on the nodes of ``split`` ("val" or "test"): one forward pass
+    over ``edge_index`` (default: the whole graph)."""
+    import torch
+
+    from ..io import graph_models
+    from ..tensor import tensorize
+
+    nodes = graph.splits[split]
+    if len(nodes) == 0:
+        raise UsageError(f"{graph.path}: the {split} split is empty")
+    was_training = model.training
+    model.eval().to(device)
+    edges = graph.edge_index if edge_index is None else edge_index
+    with torch.no_grad(), tensorize.RebuiltWeights(model, grad=False):
+        scores = graph_models.forward(model, graph.x.to(device), edges.to(device))[nodes.to(device)].float().cpu()
+    model.train(was_training)
+    if scores.shape[1] != graph.num_classes:
+        raise UsageError(f"model has {scores.shape[1]} outputs but the graph has {graph.num_classes} classes")
+    preds = predictions(scores, False)
+    return compute_metrics(["accuracy"], preds, graph.y[nodes].tolist()), scores, preds
+
+
 def evaluate_images(model, images, batch_size: int, device: str, on_batch=None) -> tuple[dict, object, list]:
     """(top-1/top-5, scores, predictions) on an image folder split (data.ImageData)."""
     scores = predict_images(model, images.files, batch_size, device, on_batch)

@@ -18,12 +18,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import distributed, optim, precision, run_dir, teacher_cache, training_data
+from . import distributed, graph_batch, optim, precision, run_dir, teacher_cache, training_data
 from ..methods import loss_terms
 from ..tensor import tensorize
 from .distributed import Dist
 from ..core.errors import Interrupted, TrainingDiverged
-from .evaluate import evaluate_images, evaluate_text
+from .evaluate import evaluate_graph, evaluate_images, evaluate_text
 from ..methods.features import FeatureTap
 from ..core.reporting import Reporter
 from ..io.pair import Pair
@@ -123,6 +123,7 @@ class Training:
         self.teacher_cache = teacher_cache.setup(self.r, self.pair, self.ds, self.batches, self.dist.world, t_paths,
                                                  self.batch_needs, self.reporter)
         self.scaler = precision.scaler(self.device, self.r.precision)
+        self._graph_teacher = None  # the teacher's outputs on a graph, kept from the first step
         self.metrics_log = run_dir.MetricsLog(self.out, self.r.tensorboard and self.dist.main, self.progress.step)
         if self.scaler is not None and self.progress.loss_scale:
             self.scaler.load_state_dict(self.progress.loss_scale)
@@ -180,8 +181,12 @@ class Training:
             hit = cache.lookup(idx, self.device)
             if hit is not None:
                 return hit
+        if self.ds.kind == "graph" and self._graph_teacher is not None:
+            return self._graph_teacher  # full-graph training: every step's batch is the same graph
         with torch.no_grad():
             out = self._forward(self.pair.teacher.model, batch, "teacher")
+        if self.ds.kind == "graph":
+            self._graph_teacher = out
         if cache is not None:
             out = cache.merge(idx, out)
             if not cache.on:
@@ -296,6 +301,9 @@ class Training:
         return {**results[best], "member": best, "members": results}, best
 
     def _evaluate_model(self, model: nn.Module) -> dict:
+        if self.ds.kind == "graph":  # validation nodes, on the graph training sees
+            edges = graph_batch.training_edges(self.ds.dev, self.r.graph_setting)
+            return evaluate_graph(model, self.ds.dev, "val", self.device, edges)[0]
         if self.ds.kind == "text":
             return evaluate_text(model, self.batches.enc_dev, self.ds.task, self.r.eval_batch_size, self.device)[0]
         return evaluate_images(model, self.ds.dev, self.r.eval_batch_size, self.device)[0]

@@ -182,7 +182,7 @@ def cache_dir() -> Path:
 
 def setup(r, pair, ds, batches, world: int, t_paths: list[str], needs: frozenset, reporter) -> TeacherCache | None:
     """The run's cache (None when the run has no teacher forward to save, or the cache is off)."""
-    if pair.teacher is None or "teacher" not in needs:
+    if pair.teacher is None or "teacher" not in needs or ds.kind == "graph":  # a graph: one cheap full-graph forward
         return None
     if not r.teacher_cache:
         reporter.info("teacher cache: off (teacher_cache: false): the teacher runs on every batch")

@@ -32,7 +32,7 @@ from . import distributed, optim, run_dir, teacher_cache, training_data
 from ..io import checkpoint as ckpt
 from ..methods import loss_terms, registry as methods
 from ..methods.schemes import online
-from ..io import pair as pair_mod
+from ..io import graphs, pair as pair_mod
 from ..core import recipe as recipe_mod
 from ..tensor import tensorize
 from .distributed import Dist
@@ -53,6 +53,8 @@ __all__ = ["run", "Reporter", "Progress"]
 # ----------------------------------------------------------------------------------------------
 def _setup_recipe(r: Recipe, out: Path, resume: bool, force: bool, explicit: set[str],
                   reporter: Reporter) -> tuple[Recipe, str, Dist]:
+    if not resume and graphs.is_graph_data(r.data):  # a GCN's setting unless the user set it
+        r = recipe_mod.with_graph_defaults(r, explicit, not pair_mod.no_teacher(r.teacher))
     if not resume:
         recipe_mod.check_ranges(r)
         methods.parse_all(r.methods)  # a bad method spec is a usage error before anything happens
@@ -182,7 +184,8 @@ def prepare(r: Recipe, out: Path, *, resume: bool = False, force: bool = False, 
     torch.manual_seed(r.seed)
     ds = training_data.load(r, reporter.info)
     _check_teacher_needs(r)
-    pair = pair_mod.setup(r, ds.num_labels, reporter, cut=online.successor_cut(r))
+    features = int(ds.train.x.shape[1]) if ds.kind == "graph" else None
+    pair = pair_mod.setup(r, ds.num_labels, reporter, cut=online.successor_cut(r), graph_features=features)
     tok_dir = pair.tokenizer_dir(r.tokenizer) if ds.kind == "text" else None
     vocab = int(getattr(getattr(pair.student.model, "config", None), "vocab_size", 0))
     batches = training_data.prepare(ds, r, tok_dir, vocab, dist, reporter.info)
@@ -262,7 +265,7 @@ def _summary(t: "Training", pair: Pair, ds, batches) -> dict:
             "params_training": sum(x.numel() for m in (model, *t.scheme.extras.values()) for x in m.parameters()),
             "params_inference": tensorize.dense_param_count(model),
             "train_examples": batches.n_train, "steps_per_epoch": batches.steps_per_epoch, "total_steps": t.total,
-            "dev_examples": len(ds.dev) if ds.dev is not None else 0,
+            "dev_examples": ds.dev_examples,
             "aligned_cores": sum(len(c.cores) for c in pair.core_pairs),
             "skipped_cores": sum(len(c.skipped) for c in pair.core_pairs),
             "scheme": t.scheme.info() if t.scheme.method else None,

@@ -1,5 +1,6 @@
-"""The data of a training run: the train/dev splits (text task or image folder), tokenized once,
-and the batches of each epoch (grouped by length for text, deterministic in seed and epoch).
+"""The data of a training run: the train/dev splits (text task, image folder or graph), tokenized
+once, and the batches of each epoch (grouped by length for text, deterministic in seed and epoch;
+a graph trains full-graph, one step per epoch: graph_batch.py).
 
 ``load`` reads the splits; ``prepare`` tokenizes them and plans the steps; ``Batches.batch``
 gives the tensors of one micro-batch.
@@ -15,7 +16,8 @@ from typing import Any, Callable
 import torch
 
 from ..io import data as data_mod
-from ..io import models
+from ..io import graphs, models
+from . import graph_batch
 from .distributed import Dist
 from ..core.errors import UsageError
 from ..core.recipe import Recipe
@@ -23,7 +25,7 @@ from ..core.recipe import Recipe
 
 @dataclass
 class Dataset:
-    kind: str  # "text" | "images"
+    kind: str  # "text" | "images" | "graph"
     train: Any
     dev: Any
     task: Any = None  # data.Task for text
@@ -32,16 +34,30 @@ class Dataset:
 
     @property
     def num_labels(self) -> int:
+        if self.kind == "graph":
+            return self.train.num_classes
         return self.task.num_labels if self.kind == "text" else len(self.classes)
 
     @property
+    def dev_examples(self) -> int:
+        if self.dev is None:
+            return 0
+        return len(self.dev.splits["val"]) if self.kind == "graph" else len(self.dev)
+
+    @property
     def metric(self) -> str:
+        if self.kind == "graph":
+            return "accuracy"
         return self.task.metrics[0] if self.kind == "text" else "top1"
 
 
 def load(r: Recipe, note: Callable[[str], None] | None = None) -> Dataset:
     """The train and dev splits named by the recipe (dev None with dev_split 'none'); ``note``
     hears of a damaged cached data set being rebuilt."""
+    if graphs.is_graph_data(r.data):  # one graph: train holds it; dev too when it is validated
+        g = graphs.load(r.data)
+        dev = g if r.dev_split != "none" and len(g.splits["val"]) else None
+        return Dataset("graph", g, dev, path=g.path)
     path, builtin_task = data_mod.resolve_data(r.data, note)
     if not path.exists():
         raise UsageError(f"data {path} not found")
@@ -101,13 +117,18 @@ class Batches:
     enc_train: Any = None  # data.Encoded (text)
     enc_dev: Any = None
     steps_per_epoch: int = 0
+    graph_setting: str = "transductive"
     _epoch: tuple = (None, None)
 
     @property
     def n_train(self) -> int:
+        if self.ds.kind == "graph":
+            return len(self.ds.train.splits["train"])
         return len(self.enc_train) if self.enc_train is not None else len(self.ds.train)
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:
+        if self.ds.kind == "graph":
+            return [graph_batch.loss_nodes(self.ds.train, self.graph_setting)]
         if self.enc_train is not None:
             return data_mod.grouped_batches(self.enc_train.lengths, self.batch_size, self.seed, epoch)
         return data_mod.shuffled_batches(self.n_train, self.batch_size, self.seed, epoch)
@@ -122,6 +143,8 @@ class Batches:
     def batch(self, idx: list[int], model, device: str) -> dict:
         """The model inputs and labels of examples ``idx``, and their ``index`` in the training set
         (methods with a row per example read it: CRD's memory banks)."""
+        if self.ds.kind == "graph":
+            return graph_batch.batch(self.ds.train, idx, self.graph_setting, device)
         index = torch.tensor(idx, dtype=torch.long, device=device)
         if self.ds.kind == "text":
             return dict(data_mod.collate(self.enc_train, idx, device), index=index)
@@ -137,7 +160,9 @@ class Batches:
 def prepare(ds: Dataset, r: Recipe, tok_dir: Path | None, vocab_size: int, dist: Dist,
             note: Callable[[str], None] | None = None) -> Batches:
     """Tokenize the text splits once (cached) and count the optimizer steps of an epoch."""
-    b = Batches(ds, r.batch_size, r.grad_accum, r.seed, dist)
+    b = Batches(ds, r.batch_size, r.grad_accum, r.seed, dist, graph_setting=r.graph_setting)
+    if ds.kind == "graph":
+        graph_batch.check_run(r, dist.world)
     if ds.kind == "text":
         if tok_dir is None:
             raise UsageError("no tokenizer: neither model directory has tokenizer files; pass --tokenizer DIR")

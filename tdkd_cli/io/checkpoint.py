@@ -271,7 +271,7 @@ def validate_manifest(m: Any, where: Path) -> dict:
     _req(isinstance(ver, int) and not isinstance(ver, bool), "format_version missing", where)
     _req(ver <= FORMAT_VERSION, f"format_version {ver} is newer than this tdkd understands ({FORMAT_VERSION})", where)
     src = m.get("source")
-    _req(isinstance(src, dict) and src.get("family") in ("hf", "timm"), "source.family must be 'hf' or 'timm'", where)
+    _req(isinstance(src, dict) and src.get("family") in ("hf", "timm", "pyg"), "source.family must be 'hf', 'timm' or 'pyg'", where)
     if src["family"] == "hf":
         _req(isinstance(src.get("config"), dict) and isinstance(src["config"].get("model_type"), str), "source.config.model_type missing", where)
         _req(isinstance(src.get("architecture"), str), "source.architecture missing", where)
@@ -368,7 +368,8 @@ def copy_tokenizer_files(src: Path | None, dst: Path) -> list[str]:
 
 def detect_kind(path: Path) -> str:
     """'mpo' (tdkd MPO checkpoint), 'hf' (HF model directory), 'timm' (timm directory:
-    config.json with 'architecture' + model.safetensors). Raises for anything else."""
+    config.json with 'architecture' + model.safetensors), 'pyg' (PyG model directory: config.json
+    with format 'tdkd-pyg' + model.safetensors). Raises for anything else."""
     path = Path(path)
     if not path.exists():
         raise UsageError(f"{path} not found")
@@ -386,6 +387,8 @@ def detect_kind(path: Path) -> str:
             return "hf"
         if isinstance(c, dict) and isinstance(c.get("architecture"), str):
             return "timm"
+        if isinstance(c, dict) and c.get("format") == "tdkd-pyg":
+            return "pyg"
     if (path / "run.json").is_file() and ((path / "best").is_dir() or (path / "checkpoints").is_dir()):
         raise UsageError(f"{path} is a tdkd distill run directory, not a model: pass {path / 'best'} (best dev "
                          f"checkpoint) or one of {path / 'checkpoints'}/step-N")

@@ -9,7 +9,7 @@ import math
 import re
 from typing import Any, Callable, Sequence
 
-from . import models
+from . import graph_models, models
 from ..core.errors import UsageError
 
 _LAYER_LISTS = ("encoder.layer", "transformer.layer", "encoder.layers", "layers", "blocks")
@@ -143,7 +143,9 @@ def model_layer_map(spec: str | None, student, teacher) -> list[int] | None:
 def partner_fn(student, teacher, lmap: list[int] | None = None) -> Callable[[str], str | None]:
     """name -> teacher module name (or None) for the tensor constraint and the shape planning:
     by the layer map for transformer stacks (default: the uniform map), by stage for CNNs
-    (``block_partner``)."""
+    (``block_partner``), by the uniform map over the layer lists for PyG graph models."""
+    if graph_models.is_graph_model(student) and graph_models.is_graph_model(teacher):
+        return graph_models.partner_fn(student, teacher)
     if lmap is None:
         try:
             lmap = layer_map(None, num_layers(student), num_layers(teacher))

@@ -81,7 +81,7 @@ def load_mpo_model(path: Path):
         mod = modules.get(name)
         w_shape = ckpt.layer_weight_shape(L)
         kind = "Linear" if len(w_shape) == 2 else "Conv2d"
-        if not isinstance(mod, getattr(torch.nn, kind)) or tuple(mod.weight.shape) != w_shape:
+        if not isinstance(mod, tensorize.linear_types() if kind == "Linear" else torch.nn.Conv2d) or tuple(mod.weight.shape) != w_shape:
             raise CheckpointError(f"{path}: layer {name} is not a {'x'.join(map(str, w_shape))} {kind} of the model")
         plans.append(tensorize.LayerPlan(name, L["out_features"], L["in_features"], tuple(L["out_shape"]),
                                          tuple(L["in_shape"]), None, list(L["bonds"]), w_shape))
@@ -147,7 +147,8 @@ def _check_repeat_counts(source: dict, tensors: dict, where: Path) -> None:
 
 
 def load_any(spec: str, *, init: str = "pretrained", num_labels: int | None = None, weights: str | None = None,
-             seed: int = 0, trust_remote_code: bool = False, keep_head: bool = False) -> models.Loaded:
+             seed: int = 0, trust_remote_code: bool = False, keep_head: bool = False,
+             graph_features: int | None = None) -> models.Loaded:
     """Any model tdkd understands: an MPO checkpoint directory, or whatever models.load_model takes.
     ``keep_head``: a local directory keeps its own classifier head (``num_labels`` is ignored for
     it), as a teacher must."""
@@ -157,4 +158,4 @@ def load_any(spec: str, *, init: str = "pretrained", num_labels: int | None = No
     if keep_head and (p.is_dir() or models.looks_like_path(spec)):
         num_labels = None
     return models.load_model(spec, weights=weights, init=init, num_labels=num_labels,
-                             trust_remote_code=trust_remote_code, seed=seed)
+                             trust_remote_code=trust_remote_code, seed=seed, graph_features=graph_features)

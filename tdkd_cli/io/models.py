@@ -1,6 +1,7 @@
 """Model loading and saving: presets, Hugging Face directories and hub names, timm models.
 
-Everything returns a ``Loaded`` record: the model (eval mode), its family ("hf" or "timm"), the
+Everything returns a ``Loaded`` record: the model (eval mode), its family ("hf", "timm", or "pyg"
+for the graph models of graph_models.py), the
 ``source`` description a manifest stores to rebuild the architecture offline, and the directory
 holding its tokenizer files, if any. Weights are read from safetensors only; HF remote code runs
 only when the user passes --trust-remote-code.
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from . import checkpoint as ckpt
+from . import graph_models
 from ..core.errors import CheckpointError, TdkdError, UsageError, first_line
 
 BERT_COMMON = dict(
@@ -54,7 +56,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 @dataclass
 class Loaded:
     model: Any
-    family: str  # "hf" | "timm"
+    family: str  # "hf" | "timm" | "pyg"
     source: dict  # rebuild description (stored in manifests)
     tokenizer_dir: Path | None = None
 
@@ -186,6 +188,11 @@ def load_timm_dir(path: Path) -> Loaded:
     return loaded
 
 
+def load_pyg_dir(path: Path, spec: str) -> Loaded:
+    model, source = graph_models.load_dense(path, spec)
+    return Loaded(model, "pyg", source, None)
+
+
 def preset_dir(name: str) -> Path | None:
     """Local directory of a preset's real weights (installed package), hash-verified."""
     p = PRESETS[name]
@@ -213,8 +220,10 @@ def load_model(
     num_labels: int | None = None,
     trust_remote_code: bool = False,
     seed: int = 0,
+    graph_features: int | None = None,
 ) -> Loaded:
-    """Resolve MODEL: an HF directory, a timm directory, a preset, a timm name, or an HF hub name."""
+    """Resolve MODEL: an HF directory, a timm directory, a PyG directory, a preset, a timm name, or
+    an HF hub name. Graph presets (gcn, sage, gat, mlp) are built for ``graph_features`` inputs."""
     import torch
 
     if init not in ("pretrained", "random"):
@@ -229,9 +238,14 @@ def load_model(
             return load_hf_dir(path, spec, num_labels, trust_remote_code)
         if kind == "timm":
             return load_timm_dir(path)
+        if kind == "pyg":
+            return load_pyg_dir(path, spec)
         raise UsageError(f"{path} is already a tdkd MPO checkpoint; use it with distill or merge")
     if looks_like_path(spec):
         raise UsageError(f"{spec} not found")
+    if graph_models.is_graph_preset(spec):
+        model, source = graph_models.load_preset(spec, graph_features, num_labels, seed)
+        return Loaded(model, "pyg", source, None)
     if spec in PRESETS:
         p = PRESETS[spec]
         if p["family"] == "timm":
@@ -323,6 +337,8 @@ def build_from_source(source: dict, where: Path | str = "manifest"):
     CheckpointError naming ``where`` and the field."""
     if source["family"] == "hf":
         return _build_hf(source, str(where))
+    if source["family"] == "pyg":
+        return graph_models.build(source, str(where))
     timm = _timm()
     if not timm.is_model(source["model_name"]):
         raise CheckpointError(f"{where}: unknown timm model {source['model_name']!r} in source.model_name")
@@ -384,6 +400,8 @@ def probe_inputs(model, family: str, batch: int = 2, seq_len: int = 16, seed: in
     (``dtype`` applies to images; token ids stay integers)."""
     import torch
 
+    if family == "pyg":
+        return graph_models.probe_inputs(model, max(batch, 2), seed, device, dtype)
     g = torch.Generator().manual_seed(seed)
     if family == "hf":
         vocab = int(getattr(model.config, "vocab_size", 1000))
@@ -403,6 +421,8 @@ def forward_output(model, family: str, inputs: dict):
                 if val is not None:
                     return val
             return out[0]
+        if family == "pyg":
+            return graph_models.forward(model, inputs["x"], inputs["edge_index"])
         return model(inputs["x"])
 
 
@@ -414,6 +434,8 @@ def save_dense(model, family: str, source: dict, out_dir: Path, tokenizer_dir: P
         model.save_pretrained(str(out_dir), safe_serialization=True)
         ckpt.copy_tokenizer_files(tokenizer_dir, out_dir)
         return
+    if family == "pyg":
+        return graph_models.save_dense(model, source, out_dir)
     state = {k: v for k, v in model.state_dict().items()}
     ckpt.save_tensors(state, out_dir / ckpt.TENSORS, metadata={"format": "pt"})
     kwargs = dict(source.get("kwargs", {}))
@@ -431,4 +453,6 @@ def load_dense_dir(path: Path) -> Loaded:
         return load_hf_dir(Path(path), str(path))
     if kind == "timm":
         return load_timm_dir(Path(path))
+    if kind == "pyg":
+        return load_pyg_dir(Path(path), str(path))
     raise CheckpointError(f"{path} is an MPO checkpoint, not a dense model")

@@ -40,14 +40,18 @@ def no_teacher(spec: str | None) -> bool:
     return spec is None or spec.strip().lower() in ("none", "null", "")
 
 
-def setup(r: Recipe, num_labels: int, reporter: Reporter, cut: Callable[[models.Loaded], str | None] | None = None) -> Pair:
+def setup(r: Recipe, num_labels: int, reporter: Reporter, cut: Callable[[models.Loaded], str | None] | None = None,
+          graph_features: int | None = None) -> Pair:
     """Teacher (frozen later by the loop), student (cut, over-parameterized or merged as the recipe
     says), the layer map and, when tensor_lambda > 0, the teacher cores the constraint aligns to.
-    ``cut(teacher)`` gives the student's layers when a method chooses them (Theseus)."""
-    teacher = _load_teacher(r, num_labels)
+    ``cut(teacher)`` gives the student's layers when a method chooses them (Theseus).
+    ``graph_features``: the width of a graph's node features (graph data; None otherwise)."""
+    teacher = _load_teacher(r, num_labels, graph_features)
     if cut is not None and teacher is not None:
         r = replace(r, student_layers=cut(teacher))
-    student = _load_student(r, num_labels, teacher)
+    student = _load_student(r, num_labels, teacher, graph_features)
+    for role, loaded in (("teacher", teacher), ("student", student)):
+        check_data_fits(loaded, r.teacher if role == "teacher" else (r.student or r.teacher), graph_features)
     lmap = None
     if teacher is not None:
         check_vocab(teacher, student)
@@ -86,10 +90,12 @@ def load_peer(r: Recipe, spec: str, seed: int, mpo: bool, num_labels: int, repor
     return student
 
 
-def _load_teacher(r: Recipe, num_labels: int) -> models.Loaded | None:
+def _load_teacher(r: Recipe, num_labels: int, graph_features: int | None = None) -> models.Loaded | None:
     if no_teacher(r.teacher):
         return None
-    teacher = load_any(r.teacher, init=r.init, num_labels=num_labels, weights=r.teacher_weights, seed=r.seed, keep_head=True)
+    check_data_fits(None, r.teacher, graph_features)
+    teacher = load_any(r.teacher, init=r.init, num_labels=num_labels, weights=r.teacher_weights, seed=r.seed, keep_head=True,
+                       graph_features=graph_features)
     t_out = num_outputs(teacher)
     if t_out is None:
         raise UsageError(f"teacher {r.teacher} has no classification head; fine-tune it on the task first "
@@ -101,13 +107,15 @@ def _load_teacher(r: Recipe, num_labels: int) -> models.Loaded | None:
     return teacher
 
 
-def _load_student(r: Recipe, num_labels: int, teacher: models.Loaded | None) -> models.Loaded:
+def _load_student(r: Recipe, num_labels: int, teacher: models.Loaded | None, graph_features: int | None = None) -> models.Loaded:
     spec = r.student
     if spec is None:
         if not r.student_layers or teacher is None:
             raise UsageError("no student: pass --student MODEL, or --student-layers to cut one from the teacher")
         spec = r.teacher
-    student = load_any(spec, init=r.init, num_labels=num_labels, weights=r.student_weights, seed=r.seed)
+    check_data_fits(None, spec, graph_features)
+    student = load_any(spec, init=r.init, num_labels=num_labels, weights=r.student_weights, seed=r.seed,
+                       graph_features=graph_features)
     if r.student_layers:
         if tensorize.mpo_modules(student.model):
             raise UsageError("--student-layers cuts a dense model; this student is already decomposed "
@@ -118,7 +126,7 @@ def _load_student(r: Recipe, num_labels: int, teacher: models.Loaded | None) -> 
 
 def _check_student(r: Recipe, student: models.Loaded, num_labels: int) -> None:
     spec = r.student or r.teacher
-    if student.family == "timm" and (r.hidden_weight > 0 or r.attention_weight > 0):
+    if student.family != "hf" and (r.hidden_weight > 0 or r.attention_weight > 0):
         raise UsageError("hidden_weight and attention_weight work with Hugging Face text models; for timm models use logit KD "
                          "and the tensor constraint")
     s_out = num_outputs(student)
@@ -130,11 +138,51 @@ def _check_student(r: Recipe, student: models.Loaded, num_labels: int) -> None:
 
 def num_outputs(loaded: models.Loaded) -> int | None:
     """Classifier outputs of a model; None when it has no classification head."""
+    if loaded.family == "pyg":
+        return int(loaded.source["kwargs"]["out_channels"])
     if loaded.family == "timm":
         return getattr(loaded.model, "num_classes", None)
     cfg = loaded.model.config
     has_head = any(hasattr(loaded.model, h) for h in ("classifier", "score", "pre_classifier"))
     return int(cfg.num_labels) if has_head else None
+
+
+def check_data_fits(loaded: models.Loaded | None, spec: str | None, graph_features: int | None) -> None:
+    """A graph model on graph data with its feature width; any other model on any other data.
+    Without ``loaded`` (before loading) the family is read from the spec where it says it."""
+    family = loaded.family if loaded is not None else _spec_family(spec)
+    if family is None:
+        return
+    kind = {"hf": "text", "timm": "image", "pyg": "graph"}.get(family, family)
+    if graph_features is not None and family != "pyg":
+        raise UsageError(f"{spec} is a {kind} model ({family}); graph data needs a graph model: "
+                         "gcn, sage, gat, mlp or a tdkd checkpoint of one")
+    if graph_features is None and family == "pyg":
+        raise UsageError(f"{spec} is a graph model; it trains on graph data (builtin:cora, builtin:citeseer, a .npz "
+                         "file or nodes.csv + edges.csv)")
+    width = loaded.source.get("kwargs", {}).get("in_channels") if loaded is not None and family == "pyg" else None
+    if width is not None and graph_features is not None and width != graph_features:
+        raise UsageError(f"{spec} takes {width} node features but the graph has {graph_features}")
+
+
+def _spec_family(spec: str | None) -> str | None:
+    """'pyg' for a graph preset, a model directory's family, None when only loading can tell."""
+    import json
+
+    if not spec or no_teacher(spec):
+        return None
+    if models.graph_models.is_graph_preset(spec):
+        return "pyg"
+    p = Path(spec).expanduser()
+    if not p.is_dir():
+        return None
+    kind = ckpt.detect_kind(p)
+    if kind != "mpo":
+        return kind
+    try:
+        return json.loads((p / ckpt.MANIFEST).read_text())["source"]["family"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # the loader names what is wrong with it
 
 
 def check_vocab(teacher: models.Loaded, student: models.Loaded) -> None:

@@ -60,13 +60,25 @@ class Term:
 
 def forward(model: nn.Module, family: str, batch: dict, needs: frozenset = frozenset()) -> Outputs:
     """One forward pass as Outputs: a timm model takes images, an HF model token ids (and returns
-    hidden states / attention maps when the terms need them)."""
+    hidden states / attention maps when the terms need them), a graph model (PyG) the whole graph
+    and gives the logits of the batch's ``nodes`` (engine/graph_batch.py)."""
     if family == "timm":
         return Outputs(model(batch["x"]))
+    if family == "pyg":
+        return Outputs(_graph_forward(model, batch))
     hidden, attn = "hidden" in needs, "attentions" in needs
     kwargs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
     res = model(**kwargs, output_hidden_states=hidden or None, output_attentions=attn or None)
     return Outputs(res.logits, res.hidden_states if hidden else None, res.attentions if attn else None)
+
+
+def _graph_forward(model: nn.Module, batch: dict) -> torch.Tensor:
+    from ..io import graph_models
+
+    x = batch["x"]
+    if model.training:  # dropout on the input features too, as Kipf & Welling's GCN
+        x = graph_models.feature_dropout(x, graph_models.input_dropout(model), batch.get("x_nonzero"))
+    return graph_models.forward(model, x, batch["edge_index"])[batch["nodes"]]
 
 
 def _kd(s, t, batch, ctx):

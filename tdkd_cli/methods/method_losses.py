@@ -193,3 +193,35 @@ def one_loss(branch_logits: list[torch.Tensor], gate: torch.Tensor, labels: torc
     for z in branch_logits:
         total = total + F.cross_entropy(z.float(), labels) + _soft_kl(z, ens, temperature)
     return total
+
+
+def _neighbour_log_probs(feat: torch.Tensor, edge_index: torch.Tensor, kernel: str) -> torch.Tensor:
+    """log LS_ij for every edge (i <- j): node i's softmax over its neighbours j of SIM(z_i, z_j)."""
+    src, dst = edge_index[1], edge_index[0]  # the distribution of node dst over its neighbours src
+    zi, zj = feat[dst].float(), feat[src].float()
+    if kernel == "linear":
+        sim = (zi * zj).sum(-1)
+    elif kernel == "poly":
+        sim = ((zi * zj).sum(-1) + 1.0) ** 2
+    else:  # rbf: exp(-||z_i - z_j||^2), so SIM is the negative squared distance
+        sim = -(zi - zj).pow(2).sum(-1)
+    n = feat.shape[0]
+    top = torch.full((n,), float("-inf"), device=sim.device).scatter_reduce(0, dst, sim.detach(), "amax")
+    shifted = sim - top[dst]
+    norm = torch.zeros(n, device=sim.device).index_add(0, dst, shifted.exp())
+    return shifted - norm[dst].log()
+
+
+def lsp_loss(student_feat: torch.Tensor, teacher_feat: torch.Tensor, edge_index: torch.Tensor,
+             kernel: str = "rbf") -> torch.Tensor:
+    """LSP (Yang et al., CVPR 2020): each node's local structure, the distribution
+    LS_ij = softmax_{j in N(i)} SIM(z_i, z_j) over its neighbours, of the student's node embeddings
+    matched to the teacher's by KL(LS^S_i || LS^T_i), averaged over the nodes with neighbours.
+    Widths may differ (only similarities are compared); the teacher side is detached."""
+    if edge_index.shape[1] == 0:
+        return student_feat.new_zeros((), dtype=torch.float32)
+    log_s = _neighbour_log_probs(student_feat, edge_index, kernel)
+    log_t = _neighbour_log_probs(teacher_feat.detach(), edge_index, kernel)
+    per_edge = log_s.exp() * (log_s - log_t)
+    nodes = torch.unique(edge_index[0])
+    return per_edge.sum() / nodes.numel()

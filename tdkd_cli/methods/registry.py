@@ -36,7 +36,7 @@ Shape = tuple
 @dataclass(frozen=True)
 class Method:
     name: str
-    kind: str  # response | feature | relation | contrastive
+    kind: str  # response | feature | relation | contrastive | graph
     paper: str
     options: dict  # option -> (default, help); every method also takes weight
     # response methods: (student Outputs, teacher Outputs, batch, options) -> scalar
@@ -115,6 +115,29 @@ def _minilm(sf, tf, batch, o, heads):
     return loss
 
 
+def _lsp(sf, tf, batch, o, conn):
+    if "edge_index" not in batch:
+        raise UsageError("method lsp compares each node's neighbours: it needs graph data (--data builtin:cora, ...)")
+    kernel = (o["kernel"] or "rbf").strip().lower()
+    if kernel not in ("rbf", "linear", "poly"):
+        raise UsageError(f"method lsp: kernel must be rbf, linear or poly (got {kernel!r})")
+    return ml.lsp_loss(sf[0], tf[0], batch["edge_index"], kernel)
+
+
+def graph_rows(sf: list, tf: list, batch: dict, relation: bool) -> tuple[list, list]:
+    """On a graph batch (engine/graph_batch.py), the rows of the nodes the loss reads; a relation
+    method then compares GRAPH_RELATION_NODES of them drawn at random (RKD's angles cost nodes^3),
+    from torch's generator, which checkpoints restore. Other batches: unchanged."""
+    if "edge_index" not in batch or sf[0].shape[0] != batch["x"].shape[0]:
+        return sf, tf
+    rows = batch["nodes"]
+    if relation and rows.numel() > GRAPH_RELATION_NODES:
+        rows = rows[torch.randperm(rows.numel(), device=rows.device)[:GRAPH_RELATION_NODES]]
+    return [f[rows] for f in sf], [f[rows] for f in tf]
+
+
+GRAPH_RELATION_NODES = 512
+
 FEATURE_PATHS = {"student": (None, "student module(s): dotted paths joined by '+', '*' = each layer of the layer map"),
           "teacher": (None, "teacher module(s) paired with them, in the same order")}
 
@@ -158,6 +181,11 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("cc", "relation", "Correlation congruence, Peng et al., ICCV 2019",
            dict(FEATURE_PATHS, gamma=(0.4, "Gaussian kernel width gamma"), order=(2.0, "order P of the kernel's Taylor series")),
            _pairwise(ml.cc_loss, "gamma", "order"), features=True),
+    Method("lsp", "graph", "Local structure preserving (LSP), Yang et al., CVPR 2020",
+           dict(student=(None, "student node-embedding module(s), e.g. convs.0 (a GNN layer's output)"),
+                teacher=(None, "teacher module(s) paired with them"),
+                kernel=(None, "similarity kernel: rbf (default: -||z_i - z_j||^2), linear or poly ((z_i.z_j + 1)^2)")),
+           _lsp, features=True, families="graph (PyG)"),
     # ways to train rather than loss terms (online.py): at most one per run, never bound as a term
     Method("dml", "online", "Deep mutual learning, Zhang et al., CVPR 2018",
            {"peers": (2.0, "cohort size K: copies of the student, peer k seeded seed+k"),
@@ -447,6 +475,8 @@ def _feature_term(spec: Spec, pairs, conns, heads) -> loss_terms.Term:
         total = 0.0
         for k, (ps, pt) in enumerate(pairs):
             sf, tf = [s.features[p] for p in ps], [t.features[p] for p in pt]
+            if m.name != "lsp":  # LSP reads every node's neighbours
+                sf, tf = graph_rows(sf, tf, batch, m.kind == "relation")
             total = total + m.compute(sf, tf, batch, o, heads[k] if m.name == "minilm" else conns[k])
         return total / len(pairs)
 

@@ -26,7 +26,7 @@ def weight_dims(module: nn.Module) -> tuple[tuple[int, int], int]:
 def partner_module(t_mods: dict, t_name: str | None, student_module: nn.Module) -> nn.Module | None:
     """The teacher module ``t_name`` when it is a layer of the student module's kind."""
     t_mod = t_mods.get(t_name) if t_name else None
-    kinds = (nn.Linear, nn.Conv2d)
+    kinds = (tensorize.linear_types(), nn.Conv2d)
     same = any(isinstance(t_mod, k) and isinstance(student_module, k) for k in kinds)
     return t_mod if same else None
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import sys
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
@@ -58,6 +59,8 @@ HF_DEFAULT_TARGETS = {
 
 
 def default_targets(model: nn.Module, family: str) -> tuple[str, ...]:
+    if family == "pyg":  # graph models: every weight matrix (PyG's Linear, nn.Linear)
+        return tuple(name for name, m in model.named_modules() if isinstance(m, linear_types()))
     if family == "timm":
         if any(fnmatch.fnmatchcase(name, VIT_TARGETS[0]) for name, _ in model.named_modules()):
             return VIT_TARGETS
@@ -142,11 +145,24 @@ def parse_shapes(specs: Sequence[str]) -> dict[int, tuple[int, ...]]:
 SUPPORTED = (nn.Linear, nn.Conv2d)
 
 
+def linear_types() -> tuple[type, ...]:
+    """nn.Linear, and PyTorch Geometric's own Linear (torch_geometric.nn.Linear: a Module of its own
+    with an (out, in) weight used through F.linear) once PyG is imported; a PyG model exists only
+    then, so PyG is never imported here."""
+    pyg = sys.modules.get("torch_geometric.nn.dense.linear")
+    return (nn.Linear, pyg.Linear) if pyg is not None else (nn.Linear,)
+
+
+def supported() -> tuple[type, ...]:
+    """The module kinds tdkd decomposes: ``linear_types()`` and nn.Conv2d."""
+    return (*linear_types(), nn.Conv2d)
+
+
 def select_targets(model: nn.Module, patterns: Sequence[str]) -> list[str]:
     """Names of the Linear and Conv2d modules matching any pattern; every pattern must match one.
     A pattern that matches a transposed, 1-D or 3-D convolution is refused (not supported)."""
     modules = list(model.named_modules())
-    layers = [name for name, m in modules if isinstance(m, SUPPORTED)]
+    layers = [name for name, m in modules if isinstance(m, supported())]
     other_convs = {name: type(m).__name__ for name, m in modules
                    if isinstance(m, nn.modules.conv._ConvNd) and not isinstance(m, nn.Conv2d)}
     chosen: list[str] = []
@@ -241,6 +257,10 @@ def tensorize(model: nn.Module, plans: Sequence[LayerPlan], empty: bool = False,
         lin = modules[plan.name]
         with torch.no_grad():
             parametrize.register_parametrization(lin, "weight", MPOWeight(plan, empty=empty), unsafe=True)
+        if not isinstance(lin, SUPPORTED):
+            # PyG's Linear writes ``weight`` into state_dict itself; while parametrized, store what
+            # nn.Linear stores (bias and the cores; the class is this module's own, torch made it)
+            type(lin)._save_to_state_dict = nn.Module._save_to_state_dict
         if progress is not None:
             progress(plan)
 

@@ -51,8 +51,10 @@ def _reset_rss_peak() -> bool:
         return False
 
 
-def _prepare_torch(name: str, model, family: str, device: str, tdtype, batch_size: int, seq_len: int) -> dict:
+def _prepare_torch(name: str, model, family: str, device: str, tdtype, batch_size: int, seq_len: int, graph=None) -> dict:
     model = model.eval().to(device=device, dtype=tdtype)
+    if family == "pyg":
+        return _prepare_graph(name, model, device, tdtype, batch_size, graph)
     inputs = probe_inputs(model, family, batch_size, seq_len, device=device, dtype=tdtype)
     params = sum(p.numel() for p in model.parameters())
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters()) + \
@@ -67,9 +69,34 @@ def _prepare_torch(name: str, model, family: str, device: str, tdtype, batch_siz
             "params": params, "weights_mb": weight_bytes / 2**20, "times": [], "peak": None}
 
 
+def _prepare_graph(name: str, model, device: str, tdtype, batch_size: int, graph) -> dict:
+    """A graph model timed on a graph's test nodes (graph_ops.bench_inputs), or without a graph on
+    a random ring of ``batch_size`` nodes."""
+    from ..io import graph_models
+
+    if graph is not None:
+        from .graph_ops import bench_inputs
+
+        inputs = bench_inputs(model, graph, device, tdtype)
+    else:
+        inputs = dict(graph_models.probe_inputs(model, batch_size, 0, device, tdtype), desc=f"{batch_size} random nodes")
+        inputs["nodes"] = None
+    desc = inputs.pop("desc")
+
+    def fn(m, i):
+        out = graph_models.forward(m, i["x"], i["edge_index"])
+        return out if i["nodes"] is None else out[i["nodes"]]
+
+    params = sum(p.numel() for p in model.parameters())
+    weight_bytes = sum(p.numel() * p.element_size() for p in (*model.parameters(), *model.buffers()))
+    return {"name": name, "model": model, "inputs": inputs, "fn": fn, "family": "pyg", "input": desc,
+            "params": params, "weights_mb": weight_bytes / 2**20, "times": [], "peak": None}
+
+
 def run(models: Sequence[tuple[str, object, str]], *, device: str, batch_size: int, seq_len: int, dtype: str,
-        threads: int | None, warmup: int, iters: int, on_round: Callable[[], None] | None = None) -> dict:
-    """models: (name, nn.Module, family). Returns the report dict (schema tdkd-bench/1)."""
+        threads: int | None, warmup: int, iters: int, on_round: Callable[[], None] | None = None, graph=None) -> dict:
+    """models: (name, nn.Module, family). Returns the report dict (schema tdkd-bench/1). With a
+    ``graph``, graph models are timed on its test nodes (``batch_size`` becomes their number)."""
     import torch
 
     if dtype not in DTYPES:
@@ -98,7 +125,9 @@ def run(models: Sequence[tuple[str, object, str]], *, device: str, batch_size: i
 
             prepared.append(dict(prepare_bench(model, batch_size, seq_len, threads), name=name, times=[], peak=None))
             continue
-        prepared.append(_prepare_torch(name, model, family, device, tdtype, batch_size, seq_len))
+        prepared.append(_prepare_torch(name, model, family, device, tdtype, batch_size, seq_len, graph))
+    if graph is not None:
+        batch_size = len(graph.splits["test"])
 
     with torch.inference_mode():
         # Peak memory above what is resident before the model runs (activations, workspaces):

@@ -44,6 +44,13 @@ class _Logits(nn.Module):
 
 
 def input_names(model: nn.Module, family: str) -> tuple[str, ...]:
+    if family == "pyg":  # an MLP graph student: node features in, logits out (no graph needed)
+        from ..io import graph_models
+
+        if graph_models.layer_list(model)[0] != "lins":
+            raise UsageError(f"tdkd export takes an MLP graph model; {type(model).__name__} passes messages over a "
+                             "graph, which is not exported (distill it into an MLP: recipe graph-glnn)")
+        return ("x",)
     if family == "timm":
         return ("x",)
     params = inspect.signature(model.forward).parameters
@@ -54,8 +61,8 @@ def sample_inputs(model: nn.Module, family: str, names: tuple[str, ...], batch: 
                   pad_row: bool = False) -> dict[str, torch.Tensor]:
     """Seeded inputs; with ``pad_row`` the last example's second half is padding."""
     inputs = models.probe_inputs(model, family, batch=batch, seq_len=seq, seed=seed)
-    if family == "timm":
-        return inputs
+    if family in ("timm", "pyg"):
+        return {"x": inputs["x"]}
     if pad_row:
         inputs["attention_mask"][-1, seq // 2:] = 0
     if "token_type_ids" in names:

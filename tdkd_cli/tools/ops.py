@@ -9,12 +9,14 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from ..io import checkpoint as ckpt
+from ..io import graphs
 from ..io import layers as layers_mod
 from ..io import models
 from ..tensor import mpo, tensorize
 from ..engine.distributed import resolve_device
 from ..core.errors import UsageError, VerificationError
 from ..io.model_files import dtype_name, load_any, load_mpo_model, write_model_files
+from . import graph_ops
 
 
 def model_param_count(model) -> int:
@@ -168,6 +170,8 @@ def evaluate_model(
         raise UsageError(f"--limit must be at least 1 (got {limit})")
     if predictions is not None:
         ckpt.check_output(Path(predictions), force=True)
+    if graphs.is_graph_data(str(data)):  # node classification: test (and validation) nodes
+        return graph_ops.evaluate_graph_model(spec, str(data), device=device, seed=seed, predictions=predictions)
     data, builtin_task = data_mod.resolve_data(str(data))
     task = task or builtin_task
     loaded = load_any(spec, init=init, seed=seed)
@@ -215,11 +219,14 @@ def _write_predictions(path: Path, labels, preds, scores, label_names) -> None:
 
 def bench_models(specs: Sequence[str], *, device: str = "cpu", batch_size: int = 8, seq_len: int = 128,
                  dtype: str = "float32", threads: int | None = None, warmup: int = 5, iters: int = 30,
-                 init: str = "pretrained", seed: int = 0, on_round: Callable | None = None) -> dict:
+                 init: str = "pretrained", seed: int = 0, on_round: Callable | None = None, data: str | None = None) -> dict:
+    """``data``: a graph, on which graph models are timed (graph_ops.bench_inputs)."""
     from . import bench
 
     if not specs:
         raise UsageError("give at least one MODEL to benchmark")
+    graph_ops.check_graph_bench(data)
+    graph = graphs.load(data) if data is not None else None
     device = resolve_device(device)
     if dtype not in bench.DTYPES:
         raise UsageError(f"--dtype must be one of {', '.join(bench.DTYPES)} (got {dtype!r})")
@@ -231,7 +238,7 @@ def bench_models(specs: Sequence[str], *, device: str = "cpu", batch_size: int =
         if spec.lower().endswith(".onnx") and Path(spec).is_file():  # timed with onnxruntime
             loaded.append((name, Path(spec), "onnx"))
             continue
-        m = load_any(spec, init=init, seed=seed)
+        m = load_any(spec, init=init, seed=seed) if graph is None else graph_ops.load_graph_model(spec, graph, seed)
         loaded.append((name, m.model, m.family))
     return bench.run(loaded, device=device, batch_size=batch_size, seq_len=seq_len, dtype=dtype, threads=threads,
-                     warmup=warmup, iters=iters, on_round=on_round)
+                     warmup=warmup, iters=iters, on_round=on_round, graph=graph)
