@@ -29,7 +29,7 @@ from .engine.optim import param_groups
 from .io import checkpoint as ckpt
 from .io import layers, models
 from .io.model_files import load_mpo_model, write_model_files
-from .methods import loss_terms, registry
+from .methods import binding, loss_terms, registry
 from .methods.features import FeatureTap
 from .methods.losses import attention_mse, ce_loss, hidden_mse, kd_loss
 from .methods.method_losses import at_loss, cc_loss, dist_loss, dkd_loss, fitnet_loss, rkd_loss, sp_loss
@@ -192,7 +192,7 @@ class DistillLoss(nn.Module):
         needs_probe = any(s.method.features for s in specs)
         if needs_probe and example is None:
             raise UsageError("example: feature methods need one example batch to learn the feature shapes")
-        bound = registry.bind(list(methods), student, teacher, lmap, self._probe(student, teacher, example), seed)
+        bound = binding.bind(list(methods), student, teacher, lmap, self._probe(student, teacher, example), seed)
         self.terms = bound.terms
         self.connectors = nn.ModuleDict({k.replace(".", "_"): v for k, v in bound.connectors.items()})
         self._connector_names = dict(zip(bound.connectors, self.connectors.keys()))

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from tdkd_cli.methods import method_losses as ml, registry as methods
+from tdkd_cli.methods import binding, method_losses as ml, registry as methods
 from tdkd_cli.core.errors import UsageError
 
 from .helpers import digits_folder, run_cli, sentiment_task, tiny_pair, tiny_vit_dir
@@ -215,18 +215,18 @@ def test_cc_equals_hand_computation():
 def test_layer_map_pairs_and_plus_pairs():
     spec = methods.parse("fitnet:student=a.*+pool,teacher=b.*+pool")
     s_names, t_names = ["a", "a.0", "a.0.fc", "a.1", "pool"], ["b", "b.0", "b.1", "b.2", "b.3", "b.3.fc", "pool"]
-    assert methods.expand_pairs(spec, [0, 2], s_names, t_names) == [("a.0", "b.0"), ("a.1", "b.2"), ("pool", "pool")]
+    assert binding.expand_pairs(spec, [0, 2], s_names, t_names) == [("a.0", "b.0"), ("a.1", "b.2"), ("pool", "pool")]
     # no layer stack (CNN stages): the uniform map over the numbers found, ResNet-style names too
-    assert methods.expand_pairs(spec, None, s_names, t_names) == [("a.0", "b.1"), ("a.1", "b.3"), ("pool", "pool")]
+    assert binding.expand_pairs(spec, None, s_names, t_names) == [("a.0", "b.1"), ("a.1", "b.3"), ("pool", "pool")]
     stages = methods.parse("at:student=layer*,teacher=layer*")
-    assert methods.expand_pairs(stages, None, ["layer1", "layer1.0", "layer2"], ["layer1", "layer2", "layer3", "layer4"]) == \
+    assert binding.expand_pairs(stages, None, ["layer1", "layer1.0", "layer2"], ["layer1", "layer2", "layer3", "layer4"]) == \
         [("layer1", "layer2"), ("layer2", "layer4")]
     with pytest.raises(UsageError, match="no student module matches 'a.\\*'"):
-        methods.expand_pairs(spec, [0, 2], [], t_names)
+        binding.expand_pairs(spec, [0, 2], [], t_names)
     with pytest.raises(UsageError, match="must name the same number of modules"):
-        methods.expand_pairs(methods.parse("at:student=a+b,teacher=c"), [0])
+        binding.expand_pairs(methods.parse("at:student=a+b,teacher=c"), [0])
     with pytest.raises(UsageError, match="'\\*' must appear in both paths"):
-        methods.expand_pairs(methods.parse("at:student=a.*,teacher=c"), [0])
+        binding.expand_pairs(methods.parse("at:student=a.*,teacher=c"), [0])
 
 
 def test_method_specs_parse_with_defaults():
@@ -234,7 +234,7 @@ def test_method_specs_parse_with_defaults():
     assert (spec.method.name, spec.weight, spec.options) == ("dkd", 0.5, {"alpha": 1.0, "beta": 4.0, "temperature": 4.0})
     spec = methods.parse("sp:student=bert.pooler,teacher=bert.pooler")
     assert (spec.method.name, spec.weight, spec.options["student"], spec.options["teacher"]) == ("sp", 1.0, "bert.pooler", "bert.pooler")
-    (term, weight), = methods.bind(["dist:weight=2"], None, None, None, probe=None).terms
+    (term, weight), = binding.bind(["dist:weight=2"], None, None, None, probe=None).terms
     assert term.name == "dist" and weight == 2.0 and term.weight(None, True) == 2.0 and term.weight(None, False) == 0.0
 
 

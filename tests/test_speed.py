@@ -135,7 +135,7 @@ def test_image_features_are_cached_with_the_logits(tmp_path, capsys, teacher_for
                             "--data", str(folder), "--no-mpo", "--batch-size", "16", "--epochs", "2", "--device", "cpu",
                             "--method", "fitnet:student=layer2,teacher=layer2", "--json", "-o", str(tmp_path / "run")], capsys)
     assert rc == 0, err
-    # methods.bind's shape probe (both models, eval mode) + 2 batches in epoch 1 (32 images), none in epoch 2
+    # binding.bind's shape probe (both models, eval mode) + 2 batches in epoch 1 (32 images), none in epoch 2
     assert teacher_forwards["teacher"] == 2 + 2
     (path,) = [p for p in _cache_files() if load_file(str(p))["logits"].shape == (32, 10)]
     stored = load_file(str(path))

@@ -94,7 +94,7 @@ class Training:
     total: int
     progress: Progress
     tok_dir: Path | None
-    method_terms: list  # (term, weight) of the run's distillation methods (methods.bind)
+    method_terms: list  # (term, weight) of the run's distillation methods (binding.bind)
     scheme: Scheme = field(default_factory=Scheme)  # online KD or module replacement (online.py)
 
     def __post_init__(self):

@@ -10,7 +10,7 @@ One run, in order (each step a function below or a module of its own):
     online.setup            the scheme: the student alone, or online KD (DML peers, ONE branches)
                             or module replacement (Theseus), see scheme.py
     _setup_models           devices, frozen teacher, connectors (e.g. the hidden-state projection)
-    _setup_methods          the recipe's distillation methods bound to the models (methods.bind)
+    _setup_methods          the recipe's distillation methods bound to the models (binding.bind)
     optim.setup             AdamW with a separate learning rate for MPO cores (optim.py)
     _setup_progress         fresh, or restored from the latest complete checkpoint
     loop.Training.train     loss step -> optimizer step -> after step (log, evaluate, keep the best,
@@ -30,7 +30,7 @@ from torch import nn
 from ..core.version import __version__
 from . import distributed, optim, run_dir, teacher_cache, training_data
 from ..io import checkpoint as ckpt
-from ..methods import loss_terms, registry as methods
+from ..methods import binding, loss_terms, registry as methods
 from ..methods.schemes import online
 from ..io import graphs, pair as pair_mod
 from ..core import recipe as recipe_mod
@@ -102,11 +102,11 @@ def _setup_models(pair: Pair, r: Recipe, device: str, scheme: Scheme) -> dict[st
     return connectors
 
 
-def _setup_methods(pair: Pair, r: Recipe, batches: training_data.Batches, device: str) -> methods.Bound:
-    """Bind the recipe's methods to the models (methods.bind): feature shapes come from one
+def _setup_methods(pair: Pair, r: Recipe, batches: training_data.Batches, device: str) -> binding.Bound:
+    """Bind the recipe's methods to the models (binding.bind): feature shapes come from one
     forward pass of each model, in eval mode and without gradients, on the first batch."""
     if not r.methods or pair.teacher is None:  # without a teacher only online methods (online.py) are allowed
-        return methods.Bound()
+        return binding.Bound()
 
     def probe(s_paths: list[str], t_paths: list[str]) -> tuple[dict, dict]:
         batch = batches.batch(batches.indices(0, 0), pair.student.model, device)
@@ -121,7 +121,7 @@ def _setup_methods(pair: Pair, r: Recipe, batches: training_data.Batches, device
             model.train(was_training)
         return shapes[0], shapes[1]
 
-    bound = methods.bind(r.methods, pair.student.model, pair.teacher.model, pair.layer_map, probe, r.seed,
+    bound = binding.bind(r.methods, pair.student.model, pair.teacher.model, pair.layer_map, probe, r.seed,
                          n_examples=batches.n_train, batch_size=len(batches.indices(0, 0)))
     for module in bound.connectors.values():
         module.to(device).train()

@@ -8,7 +8,6 @@ and batching happen in the consumer (eval, distill)."""
 from __future__ import annotations
 
 import csv
-import os
 import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
