@@ -179,8 +179,7 @@ class DistillLoss(nn.Module):
         if not (temperature > 0 and math.isfinite(temperature)):
             raise UsageError(f"temperature: must be a positive number (got {temperature})")
         self.kd, self.temperature, self.ce = float(kd), float(temperature), float(ce)
-        self.family = family_of(student)
-        lmap = _layer_map(student, teacher)
+        lmap = layers.model_layer_map(None, student, teacher)
         load_plugins()  # methods that installed packages offer (entry points)
         try:
             specs = registry.parse_all(methods)
@@ -245,10 +244,6 @@ class DistillLoss(nn.Module):
         """Remove the forward hooks from both models."""
         for tap in self._taps:
             tap.close()
-
-
-def _layer_map(student: nn.Module, teacher: nn.Module) -> list[int] | None:
-    return layers.model_layer_map(None, student, teacher)
 
 
 def merge(model: nn.Module, *, example: dict | None = None, tolerance: float = 1e-4) -> nn.Module:

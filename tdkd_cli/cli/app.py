@@ -49,6 +49,13 @@ def _key_help(key: str, extra: str = "") -> str:
     return f"{text}{(' ' + extra) if extra else ''}{shown}"
 
 
+def _plugin_option():
+    """--plugin of distill and methods."""
+    return typer.Option(None, "--plugin", help="Import a module or .py file first; the methods it registers "
+                        "(tdkd_cli.register_method) can be named by --method. Repeatable; also $TDKD_PLUGINS and "
+                        "installed packages' 'tdkd.methods' entry points.")
+
+
 def _version(value: bool):
     if value:
         typer.echo(f"tdkd {__version__}")
@@ -135,9 +142,7 @@ def distill(
     resume: bool = typer.Option(False, "--resume", help="Continue the run in OUTPUT from its latest complete checkpoint."),
     force: bool = typer.Option(False, "--force", help="Replace an existing run directory."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON (and no progress)."),
-    plugins: Optional[List[str]] = typer.Option(None, "--plugin", help="Import a module or .py file first; the methods it "
-                                                "registers (tdkd_cli.register_method) can be named by --method. Repeatable; "
-                                                "also $TDKD_PLUGINS and installed packages' 'tdkd.methods' entry points."),
+    plugins: Optional[List[str]] = _plugin_option(),
     # every option below is a recipe key (recipe.Recipe) of the same name; its help and default come from there
     teacher: Optional[str] = typer.Option(None, "--teacher", help=_key_help("teacher")),
     student: Optional[str] = typer.Option(None, "--student", help=_key_help("student")),
@@ -298,9 +303,7 @@ def recipes(
              "tdkd methods --plugin my_losses.py  (with the methods a plug-in registers)"))
 def methods(
     as_json: bool = typer.Option(False, "--json", help="Print the list as JSON."),
-    plugins: Optional[List[str]] = typer.Option(None, "--plugin", help="Import a module or .py file first; the methods it "
-                                                "registers (tdkd_cli.register_method) can be named by --method. Repeatable; "
-                                                "also $TDKD_PLUGINS and installed packages' 'tdkd.methods' entry points."),
+    plugins: Optional[List[str]] = _plugin_option(),
 ):
     """List the distillation losses: built-in terms (recipe keys), methods (--method NAME:options)
     and plug-ins' methods."""

@@ -226,12 +226,7 @@ def _check_disk(out: Path, r: Recipe, model, optimizer, saved: dict, tok_dir, di
 
 
 def _same_disk(a: Path, b: Path) -> bool:
-    def device(p: Path) -> int:
-        p = Path(p).resolve()
-        while not p.exists() and p != p.parent:
-            p = p.parent
-        return p.stat().st_dev
-    return device(a) == device(b)
+    return ckpt.existing_ancestor(a).stat().st_dev == ckpt.existing_ancestor(b).stat().st_dev
 
 
 def _disk_line(plan: dict) -> str:

@@ -87,12 +87,17 @@ def writing(what: str, path) -> Iterator[None]:
         raise err from None
 
 
-def free_bytes(path: Path) -> int:
-    """Free space of the file system that holds ``path`` (its nearest existing ancestor)."""
+def existing_ancestor(path: Path) -> Path:
+    """``path`` itself when it exists, else its nearest existing ancestor (where it would be written)."""
     p = Path(path).resolve()
     while not p.exists() and p != p.parent:
         p = p.parent
-    return shutil.disk_usage(p).free
+    return p
+
+
+def free_bytes(path: Path) -> int:
+    """Free space of the file system that holds ``path`` (its nearest existing ancestor)."""
+    return shutil.disk_usage(existing_ancestor(path)).free
 
 
 def human_bytes(n: float) -> str:

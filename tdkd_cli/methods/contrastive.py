@@ -68,7 +68,7 @@ class CRD(nn.Module):
     def negatives(self, index: torch.Tensor) -> torch.Tensor:
         """(batch, 1 + K) bank rows: the example itself, then K drawn uniformly (a dedicated
         generator whose state is a buffer, so the global RNG stream is untouched)."""
-        g = torch.Generator().manual_seed(0)
+        g = torch.Generator()
         g.set_state(self.rng.cpu())
         idx = torch.randint(0, self.n_data, (index.shape[0], self.k + 1), generator=g)
         self.rng.copy_(g.get_state())

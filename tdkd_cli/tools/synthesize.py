@@ -17,8 +17,8 @@ OUT --dev-data REAL``).
 Resume: until it is complete the work lives in ``OUT.partial/`` beside ``OUT``: ``state.json`` (the
 settings), the generator's training state every ``save_every`` steps (weights, BatchNorm buffers and
 Adam moments as safetensors) and one directory per sampled batch, each written under a temporary
-name and renamed. The same command continues a killed run from its last saved step; sampled batches
-are never redone. Each step and batch depends only on the saved state, the seed and its index, so
+name and renamed (io/checkpoint.atomic_dir). The same command continues a killed run from its last
+saved step; sampled batches are never redone. Each step and batch depends only on the saved state, the seed and its index, so
 the result is bitwise that of an uninterrupted run (same torch build and thread count). When every
 batch is done ``OUT`` is written atomically and the partial directory removed.
 """
@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -35,6 +34,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from ..core.errors import UsageError
+from ..engine import run_dir
 from ..io import caches
 from ..io import checkpoint as ckpt
 from ..io import data as data_mod
@@ -197,22 +197,12 @@ def train_step(inv: Inverter, gen: ImageGenerator, opt, tap: BNStatsTap, cfg: Sy
 def save_generator(work: Path, gen: ImageGenerator, opt, step: int, log: list[dict]) -> None:
     """The generator's training state at ``step`` (weights and BatchNorm buffers, Adam's moments) as
     safetensors in work/generator-STEP/, written under a temporary name and renamed; older ones go."""
-    import torch
-
     tensors = {f"generator.{k}": v for k, v in gen.state_dict().items()}
-    for i, st in opt.state_dict()["state"].items():
-        tensors.update({f"adam.{i}.{k}": torch.as_tensor(v) for k, v in st.items()})
+    tensors.update(run_dir.optimizer_tensors(opt))
     final = work / f"generator-{step:06d}"
-    tmp = work / f".generator-{step:06d}.tmp"
-    with ckpt.writing("generator checkpoint", final):
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
+    with ckpt.atomic_dir(final, force=True, what="generator checkpoint") as tmp:
         ckpt.save_tensors(tensors, tmp / "state.safetensors")
         (tmp / "log.json").write_text(json.dumps({"step": step, "log": log}) + "\n")
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        os.rename(tmp, final)
     for old in work.glob("generator-*"):
         if old != final:
             shutil.rmtree(old, ignore_errors=True)
@@ -233,12 +223,7 @@ def load_generator(work: Path, inv: Inverter, cfg: SynthesisConfig):
     info = json.loads((latest / "log.json").read_text())
     ckpt_state = {k[len("generator."):]: v for k, v in tensors.items() if k.startswith("generator.")}
     models.load_state_strict(gen, ckpt_state, f"{latest} does not fit the generator")
-    state = opt.state_dict()
-    for key, v in tensors.items():
-        if key.startswith("adam."):
-            _, i, name = key.split(".", 2)
-            state["state"].setdefault(int(i), {})[name] = v
-    opt.load_state_dict(state)
+    run_dir.load_optimizer_tensors(opt, tensors, latest)
     return gen, opt, int(info["step"]), list(info["log"])
 
 
@@ -341,21 +326,13 @@ def write_batch(work: Path, index: int, start: int, px, classes: list[str], info
     from PIL import Image
 
     final = work / "batches" / f"{index:05d}"
-    tmp = work / "batches" / f".{index:05d}.tmp"
-    with ckpt.writing("synthesized batch", final):
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
+    with ckpt.atomic_dir(final, force=True, what="synthesized batch") as tmp:
         for j, img in enumerate(px):
             i = start + j
             cls = tmp / classes[i % len(classes)]
             cls.mkdir(exist_ok=True)
             Image.fromarray(img).save(cls / f"{i:06d}.png")
         (tmp / "batch.json").write_text(json.dumps(info) + "\n")
-        for f in tmp.rglob("*"):
-            if f.is_file():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-        os.rename(tmp, final)
 
 
 def finish(work: Path, output: Path, settings: dict, force: bool) -> list[dict]:
