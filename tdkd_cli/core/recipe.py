@@ -62,11 +62,13 @@ class Recipe:
     tensor_lambda: float = _key(0.0, 'Weight lambda of the OPDF tensor constraint loss on the auxiliary cores.')
     methods: tuple[str, ...] | None = _key(None, "Distillation methods added to the loss, each 'NAME:weight=W,option=value,...', e.g. 'dkd:weight=1,beta=8' or 'sp:weight=3000,student=bert.pooler,teacher=bert.pooler' (list them: tdkd methods).")
     # optimisation
-    lr: float = _key(5e-05, 'AdamW learning rate of the dense parameters.')
+    optimizer: str = _key('adamw', "adamw (decoupled weight decay) | adam (weight decay as an L2 term in the gradient, as Kipf & Welling's GCN and GLNN train; the graph default).")
+    lr: float = _key(5e-05, 'Learning rate of the dense parameters.')
     mpo_lr: float | None = _key(None, 'Learning rate of the MPO cores (default: lr).')
     connector_lr: float | None = _key(None, 'Learning rate of the connectors feature methods train with the student (FitNets; default: lr).')
-    weight_decay: float = _key(0.01, 'AdamW weight decay of dense weight matrices (biases, norms and cores: none).')
-    warmup_ratio: float = _key(0.0, 'Linear warm-up over this fraction of the steps, then linear decay to 0.')
+    weight_decay: float = _key(0.01, 'Weight decay of dense weight matrices (biases, norms and cores: none); see optimizer.')
+    warmup_ratio: float = _key(0.0, 'Linear warm-up over this fraction of the steps, then the lr_schedule.')
+    lr_schedule: str = _key('linear', "After warm-up: 'linear' (decay to 0 at the last step) or 'constant' (the graph default).")
     batch_size: int = _key(32, 'Examples per micro-batch (per process).')
     grad_accum: int = _key(1, 'Micro-batches per optimizer step.')
     epochs: float = _key(3.0, 'Passes over the training data (ignored when max_steps is set).')
@@ -107,12 +109,13 @@ SCHEMA: dict[str, tuple[str, Any, str]] = {f.name: (_kind(f.type), f.default, f.
 KEYS = tuple(SCHEMA)
 
 # Keys introduced after the format's first runs, with the value that reproduces an older run.
-ADDED_KEYS_AS_BEFORE = {"teacher_cache": False, "precision": "fp32"}
+ADDED_KEYS_AS_BEFORE = {"teacher_cache": False, "precision": "fp32", "optimizer": "adamw", "lr_schedule": "linear"}
 
 # Defaults on graph data (Kipf & Welling's GCN setting, which GLNN's MLP students share): one
 # full-graph step per epoch, validated every epoch. A key the recipe or the command line sets wins;
 # without a teacher the model trains dense unless mpo is set.
-GRAPH_DEFAULTS = {"lr": 0.01, "weight_decay": 5e-4, "epochs": 200.0, "eval_every": 1, "log_every": 10}
+GRAPH_DEFAULTS = {"optimizer": "adam", "lr": 0.01, "weight_decay": 5e-4, "lr_schedule": "constant", "max_grad_norm": 0.0,
+                  "epochs": 200.0, "eval_every": 1, "log_every": 10}
 
 
 def with_graph_defaults(r: Recipe, explicit: set[str], has_teacher: bool) -> Recipe:
@@ -204,6 +207,8 @@ def check_ranges(rec: Recipe) -> None:
         need(r[k] is None or r[k] >= 1, f"{k} must be at least 1 (got {r[k]})")
     need(r["graph_setting"] in ("transductive", "inductive"),
          f"graph_setting must be 'transductive' or 'inductive' (got {r['graph_setting']!r})")
+    need(r["optimizer"] in ("adamw", "adam"), f"optimizer must be adamw or adam (got {r['optimizer']!r})")
+    need(r["lr_schedule"] in ("linear", "constant"), f"lr_schedule must be linear or constant (got {r['lr_schedule']!r})")
     need(r["precision"] in ("fp32", "bf16", "fp16"), f"precision must be fp32, bf16 or fp16 (got {r['precision']!r})")
     need(r["teacher_cache_mb"] >= 0, f"teacher_cache_mb must be >= 0 (got {r['teacher_cache_mb']})")
     need(r["device"] in ("auto", "cpu", "cuda") or r["device"].startswith("cuda:"), f"device must be auto, cpu or cuda (got {r['device']!r})")

@@ -202,7 +202,7 @@ class Training:
         the step terms. Returns the step's loss terms (loss_terms.LOG_KEYS)."""
         r, accum = self.r, self.r.grad_accum
         for g in self.optimizer.param_groups:
-            g["lr"] = self.base_lrs[g["name"]] * optim.lr_factor(step, self.total, self.warmup)
+            g["lr"] = self.base_lrs[g["name"]] * optim.lr_factor(step, self.total, self.warmup, self.r.lr_schedule)
         terms = torch.zeros(len(self.log_keys), dtype=torch.float64)
         slot = self.slot
         with precision.autocast(self.device, r.precision):  # the contraction of the cores

@@ -1,4 +1,4 @@
-"""The optimizer of a training run: AdamW parameter groups (MPO cores with their own learning
+"""The optimizer of a training run: AdamW or Adam over parameter groups (MPO cores with their own learning
 rate, decayed weight matrices, undecayed biases and norms, connectors), the learning-rate schedule
 and gradient clipping."""
 
@@ -11,19 +11,25 @@ from ..tensor import tensorize
 from ..core.recipe import Recipe
 
 
-def make_optimizer(param_groups: list[dict], lr: float) -> torch.optim.Optimizer:
-    """AdamW, fused (one kernel over all parameters) where torch supports it: on CPU it is ~60x
-    faster than the per-tensor loop for a 22M-parameter MPO student (measured), and deterministic."""
+def make_optimizer(param_groups: list[dict], lr: float, kind: str = "adamw") -> torch.optim.Optimizer:
+    """AdamW (``kind`` "adamw": decoupled weight decay) or Adam ("adam": weight decay added to the
+    gradient as an L2 term), fused (one kernel over all parameters) where torch supports it: on CPU
+    it is ~60x faster than the per-tensor loop for a 22M-parameter MPO student (measured), and
+    deterministic."""
+    cls = torch.optim.AdamW if kind == "adamw" else torch.optim.Adam
     try:
-        return torch.optim.AdamW(param_groups, lr=lr, fused=True)
+        return cls(param_groups, lr=lr, fused=True)
     except (RuntimeError, ValueError):
-        return torch.optim.AdamW(param_groups, lr=lr, foreach=False)
+        return cls(param_groups, lr=lr, foreach=False)
 
 
-def lr_factor(step: int, total: int, warmup: int) -> float:
-    """Linear warm-up to 1 over ``warmup`` steps, then linear decay to 0 at ``total``."""
+def lr_factor(step: int, total: int, warmup: int, schedule: str = "linear") -> float:
+    """Linear warm-up to 1 over ``warmup`` steps, then linear decay to 0 at ``total`` (``schedule``
+    "linear") or 1 ("constant")."""
     if warmup > 0 and step < warmup:
         return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
     return max(0.0, (total - step) / max(1, total - warmup))
 
 
@@ -58,12 +64,12 @@ def param_groups(model: nn.Module, *, lr: float, mpo_lr: float | None = None, we
 
 def setup(model: nn.Module, connectors: dict[str, nn.Module], r: Recipe,
           members: tuple[nn.Module, ...] = ()) -> tuple[torch.optim.Optimizer, dict]:
-    """AdamW over the recipe's parameter groups (``param_groups``). Returns the optimizer and the
+    """The recipe's optimizer over its parameter groups (``param_groups``). Returns the optimizer and the
     base learning rate of each group."""
     groups = param_groups(model, lr=r.lr, mpo_lr=r.mpo_lr, weight_decay=r.weight_decay, members=members,
                           connectors=tuple(connectors.values()), connector_lr=r.connector_lr)
     base_lrs = {"cores": r.mpo_lr or r.lr, "decay": r.lr, "no_decay": r.lr, "connectors": r.connector_lr or r.lr}
-    return make_optimizer(groups, r.lr), base_lrs
+    return make_optimizer(groups, r.lr, r.optimizer), base_lrs
 
 
 def clip(params: list[torch.Tensor], max_norm: float) -> float:
