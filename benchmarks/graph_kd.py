@@ -37,16 +37,16 @@ NAMES = {"teacher": "GCN teacher (width 64)", "mlp": "MLP alone", "glnn-dense": 
          "lsp-gcn16": "GCN width 16, KD + LSP from the teacher"}
 
 
-def run_arm(out: Path, data: str, arm: str, seed: int, arms: dict) -> dict:
+def run_arm(out: Path, data: str, arm: str, seed: int, arms: dict, setting: str = "transductive") -> dict:
     recipe, extra, needs_teacher = arms[arm]
-    run = out / data / f"{arm}-s{seed}"
+    run = out / folder(data, setting) / f"{arm}-s{seed}"
     done = run / "eval.json"
     if done.is_file():
         return json.loads(done.read_text())
     cmd = [*TDKD, "distill", "--recipe", recipe, "--data", f"builtin:{data}", "--seed", str(seed), "-o", str(run),
-           "--json", *extra]
+           "--json", "--graph-setting", setting, *extra]
     if needs_teacher:
-        cmd += ["--teacher", str(out / data / f"teacher-s{seed}" / "best")]
+        cmd += ["--teacher", str(out / folder(data, setting) / f"teacher-s{seed}" / "best")]
     if run.exists():
         cmd.append("--force")
     run.parent.mkdir(parents=True, exist_ok=True)
@@ -58,16 +58,22 @@ def run_arm(out: Path, data: str, arm: str, seed: int, arms: dict) -> dict:
               "params_training": summary["params_training"], "params_inference": summary["params_inference"],
               "aligned_cores": summary["aligned_cores"]}
     atomic_write_text(done, json.dumps(result, indent=1) + "\n")
-    print(f"{data} {arm} seed {seed}: test {result['test']:.4f} val {result['val']:.4f}", flush=True)
+    print(f"{data} ({setting}) {arm} seed {seed}: test {result['test']:.4f} val {result['val']:.4f}", flush=True)
     return result
 
 
-def table(out: Path, datasets, seeds, arms: dict) -> str:
-    lines = ["| data | configuration | test accuracy (%) | val accuracy (%) | seeds | params training / deployed |",
+def folder(data: str, setting: str) -> str:
+    """Runs of the transductive setting under DATA/ (as before), of the inductive one under DATA-inductive/."""
+    return data if setting == "transductive" else f"{data}-{setting}"
+
+
+def table(out: Path, datasets, seeds, arms: dict, setting: str = "transductive") -> str:
+    lines = [f"Setting: {setting}.\n", "| data | configuration | test accuracy (%) | val accuracy (%) | seeds | params training / deployed |",
              "|---|---|---|---|---|---|"]
     for data in datasets:
         for arm in arms:
-            rows = [json.loads(p.read_text()) for s in seeds if (p := out / data / f"{arm}-s{s}" / "eval.json").is_file()]
+            rows = [json.loads(p.read_text()) for s in seeds
+                    if (p := out / folder(data, setting) / f"{arm}-s{s}" / "eval.json").is_file()]
             if not rows:
                 continue
             t = [100 * r["test"] for r in rows]
@@ -85,14 +91,16 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5])
     ap.add_argument("--data", nargs="+", default=["cora", "citeseer"])
     ap.add_argument("--lsp", action="store_true", help="also the LSP arms (a GCN of width 16, alone and distilled)")
+    ap.add_argument("--setting", choices=["transductive", "inductive"], default="transductive",
+                    help="inductive: the test nodes' edges hidden while training (teacher and students); scored on the full graph")
     a = ap.parse_args()
     arms = {**ARMS, **(LSP_ARM if a.lsp else {})}
     if a.command == "run":
         for data in a.data:
             for seed in a.seeds:
                 for arm in arms:
-                    run_arm(a.out, data, arm, seed, arms)
-    print(table(a.out, a.data, a.seeds, arms))
+                    run_arm(a.out, data, arm, seed, arms, a.setting)
+    print(table(a.out, a.data, a.seeds, arms, a.setting))
 
 
 if __name__ == "__main__":

@@ -55,7 +55,8 @@ def test_builtin_graphs_load_checked_and_row_normalised():
         assert graphs.is_graph_data(f"builtin:{name}")
 
 
-def test_csv_form_reads_as_the_npz_form(toy, tmp_path):
+def test_csv_and_parquet_forms_read_as_the_npz_form(toy, tmp_path):
+    from tdkd_cli.core.errors import UsageError
     from tdkd_cli.io import graphs
 
     _, npz, a = toy
@@ -73,6 +74,23 @@ def test_csv_form_reads_as_the_npz_form(toy, tmp_path):
     assert torch.equal(g_csv.x, g_npz.x) and torch.equal(g_csv.y, g_npz.y)
     assert torch.equal(g_csv.edge_index, g_npz.edge_index)
     assert all(torch.equal(g_csv.splits[s], g_npz.splits[s]) for s in ("train", "val", "test"))
+    # the same tables as Parquet (typed columns: integer labels, float features, a null split)
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pdir = tmp_path / "parquetgraph"
+    pdir.mkdir()
+    node_cols = {"id": [f"n{i}" for i in range(len(a["y"]))], "label": [int(v) for v in a["y"]],
+                 "split": [s or None for s in split], **{c: a["x"][:, j].astype(float) for j, c in enumerate(cols)}}
+    pq.write_table(pa.table(node_cols), pdir / "nodes.parquet")
+    pq.write_table(pa.table({"source": [f"n{s}" for s in ei[0]], "target": [f"n{t}" for t in ei[1]]}), pdir / "edges.parquet")
+    assert graphs.is_graph_data(str(pdir))
+    g_pq = graphs.load(str(pdir))
+    assert torch.equal(g_pq.x, g_npz.x) and torch.equal(g_pq.y, g_npz.y) and torch.equal(g_pq.edge_index, g_npz.edge_index)
+    assert all(torch.equal(g_pq.splits[s], g_npz.splits[s]) for s in ("train", "val", "test"))
+    (pdir / "edges.parquet").write_bytes(b"not parquet")
+    with pytest.raises(UsageError, match="cannot read"):
+        graphs.load(str(pdir))
 
 
 def _bad_npz(path, a, **change):
@@ -232,6 +250,27 @@ def test_lsp_is_zero_for_equal_structure_and_positive_otherwise():
     for kernel in ("rbf", "linear", "poly"):
         assert abs(float(lsp_loss(z, z, ei, kernel))) < 1e-6
         assert float(lsp_loss(z, torch.randn(10, 7, generator=g), ei, kernel)) > 1e-3
+
+
+def test_lsp_matches_the_formula_node_by_node_in_both_directions():
+    """LS_i = softmax over i's neighbours j of -||z_i - z_j||^2; loss = mean over nodes with
+    neighbours of KL(LS^S_i || LS^T_i) (kl=student) or KL(LS^T_i || LS^S_i) (kl=teacher)."""
+    from tdkd_cli.methods.method_losses import lsp_loss
+
+    g = torch.Generator().manual_seed(1)
+    zs, zt = torch.randn(6, 3, generator=g), torch.randn(6, 5, generator=g)
+    ei = torch.tensor([[0, 0, 0, 1, 1, 3], [1, 2, 4, 0, 5, 2]])  # row 0: the node whose neighbours row 1 lists
+    per_node = {"student": [], "teacher": []}
+    for i in sorted(set(ei[0].tolist())):
+        nb = ei[1][ei[0] == i]
+        ps = torch.softmax(-((zs[i] - zs[nb]) ** 2).sum(1), 0)
+        pt = torch.softmax(-((zt[i] - zt[nb]) ** 2).sum(1), 0)
+        per_node["student"].append(float((ps * (ps / pt).log()).sum()))
+        per_node["teacher"].append(float((pt * (pt / ps).log()).sum()))
+    for direction, values in per_node.items():
+        expected = sum(values) / len(values)
+        assert abs(float(lsp_loss(zs, zt, ei, "rbf", direction)) - expected) < 1e-5, direction
+    assert abs(per_node["student"][0] - per_node["teacher"][0]) > 1e-3  # the two directions differ here
 
 
 def test_a_method_needing_a_hidden_layer_the_mlp_lacks_and_a_text_model_are_refused(toy, tmp_path, capsys):

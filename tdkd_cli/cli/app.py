@@ -322,7 +322,7 @@ def methods(
              "tdkd eval vit-merged --data images/ --predictions preds.jsonl"))
 def eval_(
     model: str = typer.Argument(..., help="Dense HF/timm directory, MPO checkpoint (decompose/distill output), merged output, or preset."),
-    data: str = typer.Option(..., "--data", help="Task directory (with dev.tsv, train.tsv), a .tsv/.csv/.jsonl file, an image folder (CLASS/*.png) for timm models, builtin:sst2-sample, or a graph for graph models (builtin:cora, builtin:citeseer, .npz, nodes.csv + edges.csv: accuracy on the test and validation nodes)."),
+    data: str = typer.Option(..., "--data", help="Task directory (with dev.tsv, train.tsv), a .tsv/.csv/.jsonl file, an image folder (CLASS/*.png) for timm models, builtin:sst2-sample, or a graph for graph models (builtin:cora, builtin:citeseer, .npz, nodes + edges tables in CSV or Parquet: accuracy on the test and validation nodes)."),
     task: Optional[str] = typer.Option(None, "--task", help="sst2, rte, mrpc, cola, stsb, qnli, qqp, mnli. Default: guessed from the data path."),
     split: str = typer.Option("dev", "--split", help="Split file to read from a task directory (dev, train, ...)."),
     text_column: Optional[List[str]] = typer.Option(None, "--text-column", help="Text column(s) of a generic file; repeat for sentence pairs."),

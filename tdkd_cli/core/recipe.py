@@ -37,7 +37,7 @@ class Recipe:
     teacher_weights: str | None = _key(None, 'safetensors weights for a timm teacher.')
     tokenizer: str | None = _key(None, 'Tokenizer directory when neither model directory has one.')
     # data
-    data: str | None = _key(None, 'Task directory (train.tsv, dev.tsv), a .tsv/.csv/.jsonl file, an image folder, builtin:sst2-sample, or a graph: builtin:cora, builtin:citeseer, a .npz file or a directory with nodes.csv + edges.csv.')
+    data: str | None = _key(None, 'Task directory (train.tsv, dev.tsv), a .tsv/.csv/.jsonl file, an image folder, builtin:sst2-sample, or a graph: builtin:cora, builtin:citeseer, a .npz file or a directory with nodes.csv + edges.csv (or nodes.parquet + edges.parquet).')
     task: str | None = _key(None, 'sst2, rte, mrpc, cola, stsb, qnli, qqp, mnli. Default: guessed from the data path.')
     text_columns: tuple[str, ...] | None = _key(None, 'Text column(s) of a generic CSV/JSONL file (two for sentence pairs).')
     label_column: str | None = _key(None, 'Label column of a generic CSV/JSONL file.')

@@ -1,11 +1,12 @@
 """Node-classification graphs: ``builtin:cora`` / ``builtin:citeseer`` (shipped), a pickle-free
-``.npz`` file, or a directory of two CSV files a user can write from any tool.
+``.npz`` file, or a directory of two tables (CSV or Parquet) a user can write from any tool.
 
 ``.npz`` (``numpy.load(path, allow_pickle=False)``): ``x`` (N x F numbers), ``y`` (N integers, -1
 for an unlabeled node), ``edge_index`` (2 x E node numbers), ``train_idx``, ``val_idx``,
 ``test_idx`` (node numbers; the public Planetoid split for the shipped files).
 
-Text form, a directory holding ``nodes.csv`` and ``edges.csv``:
+Table form, a directory holding ``nodes.csv`` and ``edges.csv`` (or ``nodes.parquet`` and
+``edges.parquet``, read with pyarrow; one of each, either format):
   nodes.csv  columns ``id`` (optional; default the row number), ``label`` (a class number or name;
              empty: unlabeled), ``split`` (train, val or test; empty: none) and the features, every
              other column (numbers).
@@ -72,15 +73,24 @@ def builtin_path(name: str) -> Path:
     return Path(__file__).resolve().parent.parent / "data" / "graphs" / f"{name}.npz"
 
 
+TABLE_SUFFIXES = (".csv", ".parquet")
+
+
+def _table(directory: Path, stem: str) -> Path | None:
+    """``directory/stem.csv`` or ``directory/stem.parquet``, whichever exists (CSV first)."""
+    return next((p for p in (directory / f"{stem}{s}" for s in TABLE_SUFFIXES) if p.is_file()), None)
+
+
 def is_graph_data(spec: str | None) -> bool:
-    """Whether a --data value names a graph (builtin graph, .npz file, nodes.csv + edges.csv)."""
+    """Whether a --data value names a graph (builtin graph, .npz file, a directory with a nodes and
+    an edges table)."""
     if not spec:
         return False
     s = str(spec)
     if s.startswith("builtin:"):
         return s.split(":", 1)[1] in BUILTIN_GRAPHS
     p = Path(s).expanduser()
-    return s.lower().endswith(".npz") or (p.is_dir() and (p / "nodes.csv").is_file() and (p / "edges.csv").is_file())
+    return s.lower().endswith(".npz") or (p.is_dir() and _table(p, "nodes") is not None and _table(p, "edges") is not None)
 
 
 def load(spec: str) -> Graph:
@@ -117,47 +127,67 @@ def _read_npz(path: Path) -> tuple[dict, None]:
 def _read_csv(path: Path) -> list[dict]:
     try:
         with open(path, newline="", encoding="utf-8") as fh:
-            rows = list(csv.DictReader(fh))
+            return list(csv.DictReader(fh))
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise UsageError(f"cannot read {path}: {type(exc).__name__}") from None
+
+
+def _read_parquet(path: Path) -> list[dict]:
+    """A Parquet table's rows as CSV would give them: every value a string, a null empty."""
+    import pyarrow
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except (OSError, pyarrow.ArrowException) as exc:
+        raise UsageError(f"cannot read {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    columns = {name: ["" if v is None else str(v) for v in table.column(name).to_pylist()] for name in table.column_names}
+    return [dict(zip(columns, values)) for values in zip(*columns.values())]
+
+
+def _read_rows(directory: Path, stem: str) -> tuple[Path, list[dict]]:
+    path = _table(directory, stem)
+    if path is None:
+        raise UsageError(f"{directory} has no {stem}.csv or {stem}.parquet")
+    rows = _read_parquet(path) if path.suffix == ".parquet" else _read_csv(path)
     if not rows:
         raise UsageError(f"{path} has no rows")
-    return rows
+    return path, rows
 
 
 def _read_text(path: Path) -> tuple[dict, list | None]:
     import numpy as np
 
-    nodes, edges = _read_csv(path / "nodes.csv"), _read_csv(path / "edges.csv")
+    (nodes_path, nodes), (edges_path, edges) = _read_rows(path, "nodes"), _read_rows(path, "edges")
     cols = list(nodes[0])
     for need in ("label", "split"):
         if need not in cols:
-            raise UsageError(f"{path / 'nodes.csv'} has no column {need!r} (columns: {', '.join(cols)})")
+            raise UsageError(f"{nodes_path} has no column {need!r} (columns: {', '.join(cols)})")
     feats = [c for c in cols if c not in ("id", "label", "split")]
     if not feats:
-        raise UsageError(f"{path / 'nodes.csv'} has no feature columns besides id, label and split")
+        raise UsageError(f"{nodes_path} has no feature columns besides id, label and split")
     ids = [row["id"] if "id" in row else str(i) for i, row in enumerate(nodes)]
     index = {v: i for i, v in enumerate(ids)}
     if len(index) != len(ids):
-        raise UsageError(f"{path / 'nodes.csv'}: node id {next(v for v in ids if ids.count(v) > 1)!r} appears twice")
+        raise UsageError(f"{nodes_path}: node id {next(v for v in ids if ids.count(v) > 1)!r} appears twice")
     try:
         x = np.array([[float(row[c]) for c in feats] for row in nodes], dtype=np.float32)
     except (TypeError, ValueError):
-        raise UsageError(f"{path / 'nodes.csv'}: feature columns must hold numbers") from None
+        raise UsageError(f"{nodes_path}: feature columns must hold numbers") from None
     y, names = _text_labels([row["label"] or "" for row in nodes])
     if "source" not in edges[0] or "target" not in edges[0]:
-        raise UsageError(f"{path / 'edges.csv'} needs columns 'source' and 'target' (columns: {', '.join(edges[0])})")
+        raise UsageError(f"{edges_path} needs columns 'source' and 'target' (columns: {', '.join(edges[0])})")
     ei = []
     for row in edges:
         for end in ("source", "target"):
             if row[end] not in index:
-                raise UsageError(f"{path / 'edges.csv'}: edge {row['source']} -> {row['target']} names node {row[end]!r}, "
-                                 "which is not in nodes.csv")
+                raise UsageError(f"{edges_path}: edge {row['source']} -> {row['target']} names node {row[end]!r}, "
+                                 "which is not in the nodes table")
         ei.append((index[row["source"]], index[row["target"]]))
     split = [(row["split"] or "").strip().lower() for row in nodes]
     bad = sorted({s for s in split if s and s not in SPLITS})
     if bad:
-        raise UsageError(f"{path / 'nodes.csv'}: unknown split {bad[0]!r} (expected train, val, test or empty)")
+        raise UsageError(f"{nodes_path}: unknown split {bad[0]!r} (expected train, val, test or empty)")
     arrays = {"x": x, "y": y, "edge_index": np.array(ei, dtype=np.int64).T.reshape(2, -1)}
     for s in SPLITS:
         arrays[f"{s}_idx"] = np.array([i for i, v in enumerate(split) if v == s], dtype=np.int64)

@@ -159,7 +159,7 @@ def check_data_fits(loaded: models.Loaded | None, spec: str | None, graph_featur
                          "gcn, sage, gat, mlp or a tdkd checkpoint of one")
     if graph_features is None and family == "pyg":
         raise UsageError(f"{spec} is a graph model; it trains on graph data (builtin:cora, builtin:citeseer, a .npz "
-                         "file or nodes.csv + edges.csv)")
+                         "file or a directory with nodes + edges tables, .csv or .parquet)")
     width = loaded.source.get("kwargs", {}).get("in_channels") if loaded is not None and family == "pyg" else None
     if width is not None and graph_features is not None and width != graph_features:
         raise UsageError(f"{spec} takes {width} node features but the graph has {graph_features}")

@@ -213,15 +213,17 @@ def _neighbour_log_probs(feat: torch.Tensor, edge_index: torch.Tensor, kernel: s
 
 
 def lsp_loss(student_feat: torch.Tensor, teacher_feat: torch.Tensor, edge_index: torch.Tensor,
-             kernel: str = "rbf") -> torch.Tensor:
+             kernel: str = "rbf", direction: str = "student") -> torch.Tensor:
     """LSP (Yang et al., CVPR 2020): each node's local structure, the distribution
     LS_ij = softmax_{j in N(i)} SIM(z_i, z_j) over its neighbours, of the student's node embeddings
-    matched to the teacher's by KL(LS^S_i || LS^T_i), averaged over the nodes with neighbours.
-    Widths may differ (only similarities are compared); the teacher side is detached."""
+    matched to the teacher's by KL(LS^S_i || LS^T_i) (``direction`` "student", the paper's loss) or
+    KL(LS^T_i || LS^S_i) ("teacher", as the authors' code computes it), averaged over the nodes
+    with neighbours. Widths may differ (only similarities are compared); the teacher side is detached."""
     if edge_index.shape[1] == 0:
         return student_feat.new_zeros((), dtype=torch.float32)
     log_s = _neighbour_log_probs(student_feat, edge_index, kernel)
     log_t = _neighbour_log_probs(teacher_feat.detach(), edge_index, kernel)
-    per_edge = log_s.exp() * (log_s - log_t)
+    first, second = (log_s, log_t) if direction == "student" else (log_t, log_s)
+    per_edge = first.exp() * (first - second)
     nodes = torch.unique(edge_index[0])
     return per_edge.sum() / nodes.numel()

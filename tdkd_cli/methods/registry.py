@@ -120,7 +120,10 @@ def _lsp(sf, tf, batch, o, conn):
     kernel = (o["kernel"] or "rbf").strip().lower()
     if kernel not in ("rbf", "linear", "poly"):
         raise UsageError(f"method lsp: kernel must be rbf, linear or poly (got {kernel!r})")
-    return ml.lsp_loss(sf[0], tf[0], batch["edge_index"], kernel)
+    direction = (o["kl"] or "student").strip().lower()
+    if direction not in ("student", "teacher"):
+        raise UsageError(f"method lsp: kl must be student or teacher (got {direction!r})")
+    return ml.lsp_loss(sf[0], tf[0], batch["edge_index"], kernel, direction)
 
 
 def graph_rows(sf: list, tf: list, batch: dict, relation: bool) -> tuple[list, list]:
@@ -183,7 +186,9 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("lsp", "graph", "Local structure preserving (LSP), Yang et al., CVPR 2020",
            dict(student=(None, "student node-embedding module(s), e.g. convs.0 (a GNN layer's output)"),
                 teacher=(None, "teacher module(s) paired with them"),
-                kernel=(None, "similarity kernel: rbf (default: -||z_i - z_j||^2), linear or poly ((z_i.z_j + 1)^2)")),
+                kernel=(None, "similarity kernel: rbf (default: -||z_i - z_j||^2), linear or poly ((z_i.z_j + 1)^2)"),
+                kl=(None, "student (default): KL(LS_student || LS_teacher), the paper's loss; teacher: "
+                          "KL(LS_teacher || LS_student), as the authors' released code computes it")),
            _lsp, features=True, families="graph (PyG)"),
     # ways to train rather than loss terms (online.py): at most one per run, never bound as a term
     Method("dml", "online", "Deep mutual learning, Zhang et al., CVPR 2018",

@@ -72,4 +72,4 @@ def bench_inputs(model, graph, device: str, dtype) -> dict:
 def check_graph_bench(data: str | None) -> None:
     if data is not None and not graphs.is_graph_data(data):
         raise UsageError(f"--data {data}: tdkd bench times graph models on a graph (builtin:cora, builtin:citeseer, "
-                         "a .npz file or nodes.csv + edges.csv)")
+                         "a .npz file or a directory with nodes + edges tables, .csv or .parquet)")
