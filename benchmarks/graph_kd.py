@@ -31,10 +31,14 @@ ARMS = {  # name -> (recipe, extra options, needs the teacher)
     "glnn-dense": ("graph-glnn", ["--no-mpo", "--tensor-lambda", "0"], True),
     "glnn-mpo": ("graph-glnn", [], True),
 }
-LSP_ARM = {"lsp-gcn16": ("graph-lsp", [], True), "gcn16": ("graph-teacher", ["--student", "gcn:hidden=16"], False)}
+LSP_ARM = {"lsp-gcn16": ("graph-lsp", [], True), "gcn16": ("graph-teacher", ["--student", "gcn:hidden=16"], False),
+           "lsp-gcn16-klt": ("graph-lsp", ["--method", "lsp:weight=1,student=convs.0,teacher=convs.0,kernel=rbf,kl=teacher"], True),
+           "kd-gcn16": ("graph-lsp", ["--method", "lsp:weight=0,student=convs.0,teacher=convs.0"], True)}
 NAMES = {"teacher": "GCN teacher (width 64)", "mlp": "MLP alone", "glnn-dense": "GLNN MLP student, dense",
          "glnn-mpo": "GLNN MLP student, MPO + tensor constraint", "gcn16": "GCN width 16 alone",
-         "lsp-gcn16": "GCN width 16, KD + LSP from the teacher"}
+         "lsp-gcn16": "GCN width 16, KD + LSP from the teacher (MPO + tensor constraint)",
+         "lsp-gcn16-klt": "the same, LSP's KL reversed (kl=teacher, as the authors' code)",
+         "kd-gcn16": "the same without LSP (weight 0): KD + tensor constraint"}
 
 
 def run_arm(out: Path, data: str, arm: str, seed: int, arms: dict, setting: str = "transductive") -> dict:

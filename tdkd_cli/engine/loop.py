@@ -1,6 +1,6 @@
 """The training loop of `tdkd distill` (train.py sets a run up and hands it here): ``Training``
 repeats one optimizer step (``_loss_step``: every micro-batch's forward and backward, the cores
-contracted once; ``_optimizer_step``: all-reduce, unscale, clip, divergence check, AdamW) and what
+contracted once; ``_optimizer_step``: all-reduce, unscale, clip, divergence check, AdamW or Adam) and what
 follows it (``_after_step``: log, evaluate, keep the best, save) until the last step. A signal
 saves a checkpoint at the next step boundary and ends the run (exit 130).
 """
@@ -159,7 +159,7 @@ class Training:
 
     # -- one optimizer step ----------------------------------------------------------------------
     def step(self) -> torch.Tensor:
-        """One optimizer step (every micro-batch, then AdamW); returns its loss terms."""
+        """One optimizer step (every micro-batch, then the optimizer); returns its loss terms."""
         terms = self._loss_step(self.progress.step)
         self._optimizer_step(terms)
         return terms

@@ -11,7 +11,7 @@ One run, in order (each step a function below or a module of its own):
                             or module replacement (Theseus), see scheme.py
     _setup_models           devices, frozen teacher, connectors (e.g. the hidden-state projection)
     _setup_methods          the recipe's distillation methods bound to the models (binding.bind)
-    optim.setup             AdamW with a separate learning rate for MPO cores (optim.py)
+    optim.setup             AdamW (or Adam) with a separate learning rate for MPO cores (optim.py)
     _setup_progress         fresh, or restored from the latest complete checkpoint
     loop.Training.train     loss step -> optimizer step -> after step (log, evaluate, keep the best,
                             save) until the last step; Ctrl-C saves and exits 130
