@@ -220,7 +220,21 @@ def cmd_table(a) -> None:
         lines += [_arm_row(arm, rec, recs.get("dense")) for arm, rec in recs.items()]
     verdicts = [f"- {c['method']}, {ARM_NAMES[c['arm']]} - dense: {_ci_text(c)} points over {c['n']} seeds: "
                 f"{_verdict(c)}" for c in comparisons(s, a.seeds)]
-    print("\n".join(lines + ["\n#### Verdicts (paired per seed, t interval)\n"] + verdicts))
+    print("\n".join(lines + ["\n#### Verdicts (paired per seed, t interval)\n"] + verdicts + _contrast_lines(s, a.seeds)))
+
+
+def _contrast_lines(s: Suite, seeds: list[int]) -> list[str]:
+    """The suite's method-vs-method contrasts of dense arms, paired per seed (how much a method itself adds)."""
+    lines = []
+    for method, other, meaning in s.contrasts:
+        a_rec, b_rec = arm_record(s, method, "dense", seeds), arm_record(s, other, "dense", seeds)
+        if not (a_rec and b_rec):
+            continue
+        paired = [a_rec["dev"][k] - b_rec["dev"][k] for k in sorted(a_rec["dev"]) if k in b_rec["dev"]]
+        st = paired_stats(paired)
+        if st:
+            lines.append(f"- {method} - {other} (dense arms; {meaning}): {_ci_text(st)} points over {st['n']} seeds")
+    return ["\n#### Method against method (dense arms, paired per seed)\n"] + lines if lines else []
 
 
 def _ci_text(c: dict) -> str:

@@ -29,6 +29,8 @@ class Suite:
     lam = "100"
     eval_options: list[str] = []
     reported, tuned_on = "dev", "held-out"  # the split scored for the tables, the one the settings are chosen on
+    # (method, other method, what the difference measures): dense arms compared per seed, beside the verdicts
+    contrasts: tuple[tuple[str, str, str], ...] = ()
 
     def __init__(self, a):
         self.root, self.teachers, self.glue = Path(a.out) / self.name, Path(a.out) / "teacher", Path(a.glue)
@@ -159,6 +161,7 @@ class DigitsCNN(Suite):
     starts from random weights."""
 
     name, lr, lam = "digits-cnn", ("2e-3", "4e-3", "5e-4"), "1e-3"
+    contrasts = (("crd", "kd", "what CRD adds to logit KD"),)
 
     def __init__(self, a):
         super().__init__(a)
@@ -220,6 +223,7 @@ class DigitsDatafree(DigitsCNN):
     held-out slice, scored on the real dev split."""
 
     name = "digits-datafree"
+    contrasts = (("synth", "real", "what having no real training image costs"),)
 
     def __init__(self, a):
         super().__init__(a)
@@ -255,6 +259,8 @@ class GraphSuite(Suite):
     lr, lam = ("0.01", "0.02", "0.002"), "1"
     reported, tuned_on = "test", "validation"
     dataset = ""
+    contrasts = (("glnn", "mlp-alone", "what GLNN's KD adds to the MLP"),
+                 ("lsp", "gcn16-alone", "what KD + LSP add to the width-16 GCN"))
 
     def __init__(self, a):
         super().__init__(a)
