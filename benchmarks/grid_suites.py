@@ -247,6 +247,7 @@ class DigitsDatafree(DigitsCNN):
         """digits-cnn's data and teacher, then the synthesized images (resumed if interrupted)."""
         DigitsCNN(a).prepare(a)
         if not (self.synth / "synthesis.json").is_file():
+            self.root.mkdir(parents=True, exist_ok=True)
             tdkd("synthesize", str(self.teacher), "--count", "2000", "--classes", "builtin:digits", "-o", str(self.synth),
                  "--json", capture=True)
 
