@@ -12,6 +12,7 @@ second epoch, where a user's run spends its time.
     .venv/bin/python benchmarks/bench_train_step.py precision   # OPDF and dense KD, fp32 vs bf16
     .venv/bin/python benchmarks/bench_train_step.py profile     # where an OPDF step's time goes
     .venv/bin/python benchmarks/bench_train_step.py accum --train-limit 4096   # OPDF / dense KD at 1, 4, 8 micro-batches a step
+    .venv/bin/python benchmarks/bench_train_step.py graph --teacher T/best --data builtin:citeseer   # GLNN and LSP students: dense / MPO / OPDF
 
 Options: --steps N (timed steps per variant, default 20), --train-limit N (default 1024: 32 steps
 per epoch at batch 32), --glue DIR (SST-2 for `opdf` and `precision`; default ../shared/data/glue).
@@ -32,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import tdkd_cli  # noqa: E402,F401  (torchvision shim)
 
 
-def variants(which: str, glue: str, limit: int) -> dict[str, dict]:
+def variants(which: str, glue: str, limit: int, teacher: str | None = None, data: str = "builtin:cora") -> dict[str, dict]:
     sst2 = dict(data=f"{glue}/SST-2", task="sst2", train_limit=limit, max_length=64, student_layers="first-3",
                 teacher="minilm", dev_split="none")
     if which == "cache":
@@ -51,12 +52,19 @@ def variants(which: str, glue: str, limit: int) -> dict[str, dict]:
                 for k in (1, 4, 8) for arm, recipe in (("dense KD", "sst2-b-kd"), ("OPDF", "sst2-d-opdf"))}
     if which == "profile":
         return {"OPDF (sst2-d-opdf)": dict(sst2, recipe="sst2-d-opdf")}
+    if which == "graph":  # one full-graph step per epoch: every timed step is the same forward and backward
+        if not teacher:
+            raise SystemExit("graph: pass --teacher DIR (a graph-teacher run's best/)")
+        return {f"{kind} {arm}": dict(recipe=recipe, teacher=teacher, data=data, **opts)
+                for kind, recipe in (("GLNN", "graph-glnn"), ("LSP", "graph-lsp"))
+                for arm, opts in (("dense", dict(mpo=False, tensor_lambda=0.0)), ("MPO", dict(tensor_lambda=0.0)),
+                                  ("OPDF", {}))}
     if which == "precision":
         return {"dense KD fp32": dict(sst2, recipe="sst2-b-kd"),
                 "dense KD bf16": dict(sst2, recipe="sst2-b-kd", precision="bf16"),
                 "OPDF fp32": dict(sst2, recipe="sst2-d-opdf"),
                 "OPDF bf16": dict(sst2, recipe="sst2-d-opdf", precision="bf16")}
-    raise SystemExit(f"unknown comparison {which!r}: cache | opdf | precision")
+    raise SystemExit(f"unknown comparison {which!r}: cache | opdf | precision | accum | profile | graph")
 
 
 RATIOS = {
@@ -65,6 +73,7 @@ RATIOS = {
     "precision": [("dense KD bf16", "dense KD fp32"), ("OPDF bf16", "OPDF fp32"), ("OPDF bf16", "dense KD fp32")],
     "accum": [(f"OPDF accum {k}", f"dense KD accum {k}") for k in (1, 4, 8)],
     "profile": [],
+    "graph": [(f"{k} {arm}", f"{k} dense") for k in ("GLNN", "LSP") for arm in ("MPO", "OPDF")],
 }
 
 
@@ -141,10 +150,12 @@ def main() -> None:
     ap.add_argument("--train-limit", type=int, default=1024)
     ap.add_argument("--batch-size", type=int, default=None, help="override every variant's batch size")
     ap.add_argument("--glue", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "glue"))
+    ap.add_argument("--teacher", default=None, help="graph: the GCN teacher (a graph-teacher run's best/)")
+    ap.add_argument("--data", default="builtin:cora", help="graph: the graph (builtin:cora, builtin:citeseer, ...)")
     a = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="tdkd-bench-"))
     os.environ.setdefault("TDKD_CACHE", str(tmp / "cache"))  # a fresh teacher cache unless one is given
-    chosen = variants(a.comparison, a.glue, a.train_limit)
+    chosen = variants(a.comparison, a.glue, a.train_limit, a.teacher, a.data)
     if a.batch_size:
         chosen = {name: dict(s, batch_size=a.batch_size) for name, s in chosen.items()}
     runs = {name: build(s, tmp / f"run{i}") for i, (name, s) in enumerate(chosen.items())}
@@ -166,9 +177,10 @@ def main() -> None:
             if k > 0:  # the first round warms up
                 times[name].append(time.perf_counter() - t0)
     med = {name: statistics.median(v) for name, v in times.items()}
+    data = (f"{a.data}, full graph" if a.comparison == "graph" else
+            f"train_limit {a.train_limit}, batch {next(iter(runs.values())).r.batch_size}")
     print(f"# {a.comparison}: {a.steps} timed steps per variant from epoch 2 (median), round-robin, "
-          f"{torch.get_num_threads()} CPU threads, train_limit {a.train_limit}, "
-          f"batch {next(iter(runs.values())).r.batch_size}")
+          f"{torch.get_num_threads()} CPU threads, {data}")
     for name, t in runs.items():
         params = sum(p.numel() for p in t.model.parameters())
         cache = "cache on" if t.teacher_cache is not None else "no cache"
