@@ -77,6 +77,9 @@ def test_optimizer_and_schedule_keys_and_the_graph_defaults():
     assert [optim.lr_factor(k, 10, 0, "linear") for k in (0, 5, 10)] == [1.0, 0.5, 0.0]
     g = recipe.with_graph_defaults(recipe.Recipe(teacher="none", data="builtin:cora", weight_decay=0.0), {"weight_decay"}, False)
     assert (g.optimizer, g.lr_schedule, g.max_grad_norm, g.weight_decay, g.lr) == ("adam", "constant", 0.0, 0.0, 0.01)
+    alone = recipe.with_graph_defaults(recipe.Recipe(teacher="none", data="builtin:cora"), set(), False)
+    taught = recipe.with_graph_defaults(recipe.Recipe(teacher="t", data="builtin:cora"), set(), True)
+    assert (alone.weight_decay, alone.mpo, taught.weight_decay, taught.mpo) == (5e-4, False, 0.0, True)
     with pytest.raises(UsageError, match="optimizer must be adamw or adam"):
         recipe.check_ranges(recipe.Recipe(teacher="none", data="d", optimizer="sgd"))
 
