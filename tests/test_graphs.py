@@ -80,7 +80,7 @@ def test_csv_and_parquet_forms_read_as_the_npz_form(toy, tmp_path):
 
     pdir = tmp_path / "parquetgraph"
     pdir.mkdir()
-    node_cols = {"id": [f"n{i}" for i in range(len(a["y"]))], "label": [int(v) for v in a["y"]],
+    node_cols = {"id": [f"n{i}" for i in range(len(a["y"]))], "label": [float(v) for v in a["y"]],  # as a dataframe with nulls
                  "split": [s or None for s in split], **{c: a["x"][:, j].astype(float) for j, c in enumerate(cols)}}
     pq.write_table(pa.table(node_cols), pdir / "nodes.parquet")
     pq.write_table(pa.table({"source": [f"n{s}" for s in ei[0]], "target": [f"n{t}" for t in ei[1]]}), pdir / "edges.parquet")
@@ -88,6 +88,7 @@ def test_csv_and_parquet_forms_read_as_the_npz_form(toy, tmp_path):
     g_pq = graphs.load(str(pdir))
     assert torch.equal(g_pq.x, g_npz.x) and torch.equal(g_pq.y, g_npz.y) and torch.equal(g_pq.edge_index, g_npz.edge_index)
     assert all(torch.equal(g_pq.splits[s], g_npz.splits[s]) for s in ("train", "val", "test"))
+    assert [graphs._cell(v) for v in (12.0, -1.0, None, 0.25, 7)] == ["12", "-1", "", "0.25", "7"]
     (pdir / "edges.parquet").write_bytes(b"not parquet")
     with pytest.raises(UsageError, match="cannot read"):
         graphs.load(str(pdir))

@@ -141,8 +141,18 @@ def _read_parquet(path: Path) -> list[dict]:
         table = pq.read_table(path)
     except (OSError, pyarrow.ArrowException) as exc:
         raise UsageError(f"cannot read {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
-    columns = {name: ["" if v is None else str(v) for v in table.column(name).to_pylist()] for name in table.column_names}
+    columns = {name: [_cell(v) for v in table.column(name).to_pylist()] for name in table.column_names}
     return [dict(zip(columns, values)) for values in zip(*columns.values())]
+
+
+def _cell(v) -> str:
+    """A Parquet value as CSV text: null -> empty, a whole float -> an integer (a label column a
+    dataframe stored as float because of its nulls stays a class number), else str()."""
+    if v is None:
+        return ""
+    if isinstance(v, float) and v.is_integer():
+        return str(int(v))
+    return str(v)
 
 
 def _read_rows(directory: Path, stem: str) -> tuple[Path, list[dict]]:
