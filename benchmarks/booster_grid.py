@@ -118,15 +118,6 @@ def paired_stats(diffs: list[float]) -> dict | None:
             "mde": float((t975 + t80) * se)}
 
 
-def _ci(diffs: list[float]) -> tuple[str, str]:
-    """Mean of paired differences (points) with its 95% t interval and the verdict it supports."""
-    st = paired_stats(diffs)
-    if st is None:
-        return (f"{100 * diffs[0]:+.2f} (1 seed)" if diffs else "-"), "-"
-    verdict = "positive" if st["lo"] > 0 else "negative" if st["hi"] < 0 else "not distinguishable from 0"
-    return f"{100 * st['mean']:+.2f} [{100 * st['lo']:+.2f}, {100 * st['hi']:+.2f}]", verdict
-
-
 def holm(pvalues: list[float]) -> list[float]:
     """Holm-Bonferroni adjusted p-values, in the input order: the i-th smallest p times (m - i + 1),
     made monotone, capped at 1. A comparison is significant at family-wise level 5% when its adjusted
@@ -164,6 +155,11 @@ def arm_record(s: Suite, method: str, arm: str, seeds: list[int]) -> dict | None
     return rec
 
 
+def _paired(rec: dict, base: dict) -> list[float]:
+    """Score differences rec - base over the seeds both ran, in seed order."""
+    return [rec["dev"][k] - base["dev"][k] for k in sorted(rec["dev"]) if k in base["dev"]]
+
+
 def comparisons(s: Suite, seeds: list[int]) -> list[dict]:
     """Every arm against the same method's dense arm, paired per seed (the family the summary corrects)."""
     out = []
@@ -173,8 +169,7 @@ def comparisons(s: Suite, seeds: list[int]) -> list[dict]:
             rec = arm_record(s, method, arm, seeds) if arm != "dense" else None
             if rec is None or dense is None:
                 continue
-            paired = [rec["dev"][k] - dense["dev"][k] for k in sorted(rec["dev"]) if k in dense["dev"]]
-            st = paired_stats(paired)
+            st = paired_stats(_paired(rec, dense))
             if st:
                 out.append({"suite": s.name, "method": method, "arm": arm, **st,
                             "time_x": statistics.median(rec["train_s"]) / statistics.median(dense["train_s"])})
@@ -191,9 +186,9 @@ def _arm_row(arm: str, rec: dict | None, dense: dict | None) -> str:
         return f"| {ARM_NAMES[arm]} | {tried} | {rec['setting']} | (seeds not run) | | | | | | | |"
     ci, mde = "", ""
     if arm != "dense" and dense:
-        paired = [rec["dev"][k] - dense["dev"][k] for k in seeds if k in dense["dev"]]
-        ci = _ci(paired)[0]
+        paired = _paired(rec, dense)
         st = paired_stats(paired)
+        ci = _ci_text(st) if st else (f"{100 * paired[0]:+.2f} (1 seed)" if paired else "-")
         mde = f"{100 * st['mde']:.2f}" if st else ""
     params = f"{rec['params'][0]:,} / {rec['params'][1]:,}" if rec["params"] else "-"
     return (f"| {ARM_NAMES[arm]} | {tried} | {rec['setting']} | {','.join(map(str, seeds))} | {_ms(devs)} | "
@@ -230,8 +225,7 @@ def _contrast_lines(s: Suite, seeds: list[int]) -> list[str]:
         a_rec, b_rec = arm_record(s, method, "dense", seeds), arm_record(s, other, "dense", seeds)
         if not (a_rec and b_rec):
             continue
-        paired = [a_rec["dev"][k] - b_rec["dev"][k] for k in sorted(a_rec["dev"]) if k in b_rec["dev"]]
-        st = paired_stats(paired)
+        st = paired_stats(_paired(a_rec, b_rec))
         if st:
             lines.append(f"- {method} - {other} (dense arms; {meaning}): {_ci_text(st)} points over {st['n']} seeds")
     return ["\n#### Method against method (dense arms, paired per seed)\n"] + lines if lines else []

@@ -68,8 +68,7 @@ def setup(model: nn.Module, connectors: dict[str, nn.Module], r: Recipe,
     base learning rate of each group."""
     groups = param_groups(model, lr=r.lr, mpo_lr=r.mpo_lr, weight_decay=r.weight_decay, members=members,
                           connectors=tuple(connectors.values()), connector_lr=r.connector_lr)
-    base_lrs = {"cores": r.mpo_lr or r.lr, "decay": r.lr, "no_decay": r.lr, "connectors": r.connector_lr or r.lr}
-    return make_optimizer(groups, r.lr, r.optimizer), base_lrs
+    return make_optimizer(groups, r.lr, r.optimizer), {g["name"]: g["lr"] for g in groups}
 
 
 def clip(params: list[torch.Tensor], max_norm: float) -> float:

@@ -119,6 +119,7 @@ class Batches:
     steps_per_epoch: int = 0
     graph_setting: str = "transductive"
     _epoch: tuple = (None, None)
+    _graph: dict = field(default_factory=dict)  # device -> the full-graph batch (the same every step)
 
     @property
     def n_train(self) -> int:
@@ -143,8 +144,10 @@ class Batches:
     def batch(self, idx: list[int], model, device: str) -> dict:
         """The model inputs and labels of examples ``idx``, and their ``index`` in the training set
         (methods with a row per example read it: CRD's memory banks)."""
-        if self.ds.kind == "graph":
-            return graph_batch.batch(self.ds.train, idx, self.graph_setting, device)
+        if self.ds.kind == "graph":  # every step trains on the same loss nodes: built and moved once
+            if device not in self._graph:
+                self._graph[device] = graph_batch.batch(self.ds.train, idx, self.graph_setting, device)
+            return self._graph[device]
         index = torch.tensor(idx, dtype=torch.long, device=device)
         if self.ds.kind == "text":
             return dict(data_mod.collate(self.enc_train, idx, device), index=index)

@@ -219,7 +219,7 @@ def _feature_term(spec: Spec, pairs, conns, heads) -> loss_terms.Term:
         total = 0.0
         for k, (ps, pt) in enumerate(pairs):
             sf, tf = [s.features[p] for p in ps], [t.features[p] for p in pt]
-            if m.name != "lsp":  # LSP reads every node's neighbours
+            if m.kind != "graph":  # graph methods (LSP) read every node's neighbours
                 sf, tf = graph_rows(sf, tf, batch, m.kind == "relation")
             total = total + m.compute(sf, tf, batch, o, heads[k] if m.name == "minilm" else conns[k])
         return total / len(pairs)

@@ -117,13 +117,7 @@ def _minilm(sf, tf, batch, o, heads):
 def _lsp(sf, tf, batch, o, conn):
     if "edge_index" not in batch:
         raise UsageError("method lsp compares each node's neighbours: it needs graph data (--data builtin:cora, ...)")
-    kernel = (o["kernel"] or "rbf").strip().lower()
-    if kernel not in ("rbf", "linear", "poly"):
-        raise UsageError(f"method lsp: kernel must be rbf, linear or poly (got {kernel!r})")
-    direction = (o["kl"] or "student").strip().lower()
-    if direction not in ("student", "teacher"):
-        raise UsageError(f"method lsp: kl must be student or teacher (got {direction!r})")
-    return ml.lsp_loss(sf[0], tf[0], batch["edge_index"], kernel, direction)
+    return ml.lsp_loss(sf[0], tf[0], batch["edge_index"], o["kernel"] or "rbf", o["kl"] or "student")
 
 
 def graph_rows(sf: list, tf: list, batch: dict, relation: bool) -> tuple[list, list]:
@@ -221,6 +215,10 @@ class Spec:
     text: str
 
 
+# text options that take one of a few words (checked when the method is parsed, not at its first step)
+CHOICES = {"lsp": {"kernel": ("rbf", "linear", "poly"), "kl": ("student", "teacher")}}
+
+
 def parse(spec: str) -> Spec:
     """'NAME[:weight=W,option=value,...]' -> Spec (options with defaults filled in)."""
     name, _, rest = spec.strip().partition(":")
@@ -245,6 +243,12 @@ def parse(spec: str) -> Spec:
             opts[key] = number
     if "temperature" in opts and opts["temperature"] <= 0:
         raise UsageError(f"method {spec!r}: temperature must be positive")
+    for key, allowed in CHOICES.get(method.name, {}).items():
+        if opts[key]:
+            opts[key] = opts[key].lower()
+            if opts[key] not in allowed:
+                raise UsageError(f"method {method.name}: {key} must be {', '.join(allowed[:-1])} or {allowed[-1]} "
+                                 f"(got {opts[key]!r})")
     for key in ("heads", "order", "peers", "branches", "layers", "group", "feat_dim", "nce_k"):
         if key in opts and opts[key] != int(opts[key]):
             raise UsageError(f"method {spec!r}: {key} must be a whole number (got {opts[key]:g})")

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -335,6 +336,15 @@ def write_batch(work: Path, index: int, start: int, px, classes: list[str], info
         (tmp / "batch.json").write_text(json.dumps(info) + "\n")
 
 
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """A hard link where the file system allows it (the work folder is removed afterwards, so the
+    images are not stored twice), else a copy."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
 def finish(work: Path, output: Path, settings: dict, force: bool) -> list[dict]:
     """Gather every batch into OUT/train/CLASS/, write synthesis.json; atomically; remove the work."""
     batches = sorted((p for p in (work / "batches").iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: p.name)
@@ -344,7 +354,7 @@ def finish(work: Path, output: Path, settings: dict, force: bool) -> list[dict]:
             (tmp / "train" / name).mkdir(parents=True)
         for b in batches:
             for f in sorted(b.glob("*/*.png")):
-                shutil.copyfile(f, tmp / "train" / f.parent.name / f.name)
+                _link_or_copy(f, tmp / "train" / f.parent.name / f.name)
         summary = {**settings, "batches": infos, "dev": "none: evaluate on real images (tdkd distill --dev-data REAL)"}
         (tmp / "synthesis.json").write_text(json.dumps(summary, indent=2) + "\n")
     shutil.rmtree(work, ignore_errors=True)
