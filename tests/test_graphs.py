@@ -289,3 +289,9 @@ def test_a_method_needing_a_hidden_layer_the_mlp_lacks_and_a_text_model_are_refu
     rc, _, err = _distill(tmp_path / "r2", data, capsys, "--teacher", "none", "--student", str(bert))
     assert rc == 2 and "graph data needs a graph model" in err and err.count("\n") == 1, err
     assert not (tmp_path / "r2").exists()
+    for i, (method, teacher) in enumerate((("crd:student=convs.0,teacher=convs.0,nce_k=4", str(d / "t3" / "best")),
+                                           ("dml:peers=2", "none"))):
+        rc, _, err = _distill(tmp_path / f"r{3 + i}", data, capsys, "--teacher", teacher,
+                              "--student", "gcn:hidden=8", "--method", method)
+        assert rc == 2 and "not supported on graph data" in err and err.count("\n") == 1, err
+        assert not (tmp_path / f"r{3 + i}").exists()

@@ -24,10 +24,16 @@ def check_run(r, world: int) -> None:
         raise UsageError("graph data trains full-graph in one process; run it without torchrun")
     if r.grad_accum != 1:
         raise UsageError(f"graph data trains full-graph, one step per epoch: grad_accum must be 1 (got {r.grad_accum})")
-    schemes = [s.method.name for s in registry.parse_all(r.methods) if s.method.kind in registry.TRAINING_SCHEMES]
+    specs = registry.parse_all(r.methods)
+    schemes = [s.method.name for s in specs if s.method.kind in registry.TRAINING_SCHEMES]
     if schemes:
         raise UsageError(f"method {schemes[0]} is not supported on graph data (it trains peers, branches or layer "
                          "replacements); use KD, the feature, relation and graph methods")
+    contrastive = [s.method.name for s in specs if s.method.kind == "contrastive"]
+    if contrastive:
+        raise UsageError(f"method {contrastive[0]} is not supported on graph data (its memory bank keeps a row per "
+                         "training example, and a graph trains on every node at once); use KD, the feature, relation "
+                         "and graph methods")
     if r.hidden_weight > 0 or r.attention_weight > 0:
         raise UsageError("hidden_weight and attention_weight read Hugging Face hidden states; on graph models use "
                          "fitnet (student=convs.0,teacher=convs.0) or lsp")
